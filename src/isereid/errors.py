@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+Anything the user can fix (a missing folder, a bad config key, an unreadable checkpoint)
+raises :class:`IsereidError`. The command line prints its message on one line and exits
+with status 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+
+class IsereidError(Exception):
+    """An error caused by the user's input, reported as a one-line message."""
+
+
+class DatasetError(IsereidError):
+    """A dataset folder is missing, empty, in the wrong layout or holds bad images."""
+
+
+class ConfigError(IsereidError):
+    """An unknown or ill-typed configuration key or value."""
+
+
+class CheckpointError(IsereidError):
+    """A file that is not a loadable checkpoint, or one for another architecture."""
+
+
+class ClusteringError(IsereidError):
+    """A clustering step that produced no usable pseudo-labels."""
+
+
+class TrainingDiverged(IsereidError):
+    """The loss became NaN or infinite."""
