@@ -1,0 +1,375 @@
+"""The ISE training loop (ALGORITHM.md §1), reading like the algorithm.
+
+    for each epoch:
+        features  <- extract(train images)                 (eval mode, test transform)
+        labels    <- jaccard_dbscan(features)              (outliers dropped this epoch)
+        memory    <- normalised cluster centroids
+        for each of `iters` iterations:
+            f         <- model(batch)                      (P identities x Z instances)
+            s         <- support samples between f and its nearest foreign centroid
+            loss      <- L_cc(cat(f, s)) + w * L_lp(f, s)
+            backward, optimizer step, memory.update(cat(f, s))
+        evaluate every `eval.every` epochs; save checkpoint_last.pt (+ model_best.pt)
+
+Runs unchanged on CPU, one GPU, or many GPUs under torchrun (DDP; every rank sees the same
+global batch of features, so losses and memory equal the single-process ones).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..clustering import cluster_report, jaccard_dbscan
+from ..config import Config, to_dict, to_yaml
+from ..data.datasets import ReidDataset
+from ..data.images import ImageDataset
+from ..data.sampler import BatchListSampler, epoch_batches
+from ..data.transforms import build_test_transform, build_train_transform
+from ..errors import CheckpointError, ClusteringError, ConfigError, TrainingDiverged
+from ..evaluation.evaluator import evaluate_model
+from ..features import extract_features
+from ..ise import interpolation_weight
+from ..memory import ClusterMemory
+from ..models import build_model, trainable_parameters
+from ..utils import atomic_write_text
+from . import checkpoint as ckpt
+from .distributed import DistContext, gather_with_grad
+from .step import ise_losses
+
+log = logging.getLogger("isereid")
+
+# Config sections that must match for a run folder to be resumed.
+_RESUME_MUST_MATCH = ("model", "data", "cluster", "memory", "ise", "optim")
+
+
+class Trainer:
+    """Owns the model, optimizer, memory and run folder of one training run."""
+
+    def __init__(self, cfg: Config, dataset: ReidDataset, output_dir: Path, dist_ctx: DistContext):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.out = Path(output_dir)
+        self.ctx = dist_ctx
+        self.device = dist_ctx.device
+        self._check_distributed_batch()
+
+        self.model = build_model(cfg.model).to(self.device)
+        if cfg.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net: torch.nn.Module = self.model
+        if dist_ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=True)
+        self.optimizer = torch.optim.Adam(trainable_parameters(self.model), lr=cfg.optim.lr,
+                                          weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.optim.step_size,
+                                                         gamma=cfg.optim.gamma)
+        self.amp = cfg.train.amp if cfg.train.amp is not None else self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+
+        # Training images sorted by path: the order of features, pseudo-labels and memory.
+        self.train_samples = sorted(dataset.train, key=lambda s: s.path)
+        true_pids = np.array([s.pid for s in self.train_samples])
+        self.true_pids = true_pids if len(true_pids) and (true_pids >= 0).all() else None
+        self.memory: Optional[ClusterMemory] = None
+        self.pseudo_labels: Optional[np.ndarray] = None  # (N,) with -1 for outliers
+        self.history: list[dict] = []
+        self.best_score = -1.0
+        self.best_epoch = 0
+        self.start_epoch = 0
+        self.writer = self._tensorboard_writer()
+
+    # ------------------------------------------------------------------ setup
+    def _check_distributed_batch(self) -> None:
+        cfg, world = self.cfg, self.ctx.world_size
+        if cfg.data.batch_size % world:
+            raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by the number of "
+                              f"processes ({world})")
+        local = cfg.data.batch_size // world
+        if cfg.model.bn_mode == "chunk" and local > cfg.model.bn_chunk and local % cfg.model.bn_chunk:
+            raise ConfigError(f"with model.bn_mode=chunk the per-process batch ({local}) must be a multiple of "
+                              f"model.bn_chunk ({cfg.model.bn_chunk})")
+        if cfg.model.bn_mode == "chunk" and world > 1 and local < cfg.model.bn_chunk:
+            raise ConfigError(f"with model.bn_mode=chunk the per-process batch ({local}) must be at least "
+                              f"model.bn_chunk ({cfg.model.bn_chunk}); use fewer processes or bn_mode=sync")
+
+    def _tensorboard_writer(self):
+        if not (self.cfg.train.tensorboard and self.ctx.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed; curves go to metrics.jsonl only (pip install isereid[tensorboard])")
+            return None
+        return SummaryWriter(log_dir=str(self.out / "tensorboard"))
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.optim.epochs * self.cfg.optim.iters
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> list[dict]:
+        """Train from scratch or resume from ``checkpoint_last.pt``; returns the metrics history."""
+        cfg = self.cfg
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        if self.start_epoch >= cfg.optim.epochs:
+            log.info("run in %s is already complete (%d epochs)", self.out, cfg.optim.epochs)
+            return self.history
+        if self.ctx.is_main:
+            atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
+        for epoch in range(self.start_epoch, cfg.optim.epochs):
+            started = time.time()
+            record: dict = {"epoch": epoch + 1}
+            if self.memory is None or epoch % cfg.cluster.every == 0:
+                record.update(self.update_pseudo_labels(epoch))
+            else:
+                record.update(self._label_counts())
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
+            record.update(self.train_epoch(epoch))
+            self.scheduler.step()
+            if self._should_evaluate(epoch):
+                record.update(self.evaluate())
+            record["seconds"] = round(time.time() - started, 3)
+            self.history.append(record)
+            self.save(epoch, record)
+            self._log_epoch(record)
+        if self.writer is not None:
+            self.writer.close()
+        return self.history
+
+    def _should_evaluate(self, epoch: int) -> bool:
+        if not self.dataset.has_test:
+            return False
+        every, last = self.cfg.eval.every, epoch == self.cfg.optim.epochs - 1
+        return last or (every > 0 and (epoch + 1) % every == 0)
+
+    # ------------------------------------------------------------------ pseudo-labels
+    def update_pseudo_labels(self, epoch: int) -> dict:
+        """Cluster the current training features and rebuild the memory (ALGORITHM.md §1.5.1-4)."""
+        cfg = self.cfg
+        paths = [s.path for s in self.train_samples]
+        features = extract_features(
+            self.model, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
+            workers=cfg.data.workers, device=self.device, progress=cfg.train.progress,
+            desc=f"epoch {epoch + 1} features", dist_ctx=self.ctx, channels_last=cfg.model.channels_last,
+            amp=self.amp,
+        )
+        labels = None
+        if self.ctx.is_main:
+            labels = jaccard_dbscan(features, eps=cfg.cluster.eps, k1=cfg.cluster.k1, k2=cfg.cluster.k2,
+                                    min_samples=cfg.cluster.min_samples, knn_backend=cfg.cluster.knn_backend)
+        labels = np.asarray(self.ctx.broadcast_object(labels), dtype=np.int64)
+        num_clusters = int(labels.max()) + 1 if len(labels) else 0
+        if num_clusters < 2:
+            raise ClusteringError(
+                f"epoch {epoch + 1}: DBSCAN found {num_clusters} cluster(s) among {len(labels)} images "
+                f"({int((labels < 0).sum())} outliers) with cluster.eps={cfg.cluster.eps}; "
+                "raise cluster.eps (or lower cluster.min_samples), or train on more images"
+            )
+        keep = labels >= 0
+        self.memory = ClusterMemory.from_features(
+            features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
+            temperature=cfg.memory.temperature, momentum=cfg.memory.momentum, mode=cfg.memory.mode,
+        )
+        self.pseudo_labels = labels
+        report = cluster_report(labels, self.true_pids)
+        return {"cluster": report.to_dict(), **self._label_counts()}
+
+    def _label_counts(self) -> dict:
+        labels = self.pseudo_labels
+        return {"num_clusters": int(labels.max()) + 1, "num_outliers": int((labels < 0).sum())}
+
+    def _epoch_loader(self, epoch: int) -> DataLoader:
+        cfg = self.cfg
+        keep = np.flatnonzero(self.pseudo_labels >= 0)
+        labels = self.pseudo_labels[keep]
+        camids = np.array([self.train_samples[i].camid for i in keep])
+        batches = epoch_batches(labels, camids, cfg.data.batch_size, cfg.data.num_instances, cfg.optim.iters,
+                                seed=cfg.seed * 100_003 + epoch)
+        dataset = ImageDataset([self.train_samples[i].path for i in keep], build_train_transform(cfg.data),
+                               labels=labels.tolist())
+        sampler = BatchListSampler(batches, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self, epoch: int) -> dict:
+        cfg, memory = self.cfg, self.memory
+        assert memory is not None
+        self.net.train()
+        loader = self._epoch_loader(epoch)
+        sums = {"loss": 0.0, "loss_cc": 0.0, "loss_lp": 0.0}
+        bar = tqdm(loader, total=cfg.optim.iters, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
+                   disable=not (cfg.train.progress and self.ctx.is_main), unit="it")
+        weight = 0.0
+        for i, (images, labels, _) in enumerate(bar):
+            step = epoch * cfg.optim.iters + i
+            weight = interpolation_weight(step, self.total_steps, cfg.ise.lambda_base)
+            images = images.to(self.device, non_blocking=True)
+            if cfg.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                local = self.net(images)
+            features = gather_with_grad(local.float(), self.ctx)
+            labels = self.ctx.all_gather(labels)
+            losses = ise_losses(features, labels, memory, weight, cfg.ise, cfg.memory)
+            if not torch.isfinite(losses.total):
+                raise TrainingDiverged(
+                    f"loss became {losses.total.item()} at epoch {epoch + 1}, iteration {i + 1}; the last good "
+                    f"checkpoint is kept in {self.out}; lower optim.lr or disable train.amp"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            # Every rank computes the same global loss; DDP averages gradients, so scale by W.
+            self.scaler.scale(losses.total * self.ctx.world_size).backward()
+            if cfg.train.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            memory.update(losses.memory_inputs, losses.memory_labels)
+
+            values = {"loss": losses.total.item(), "loss_cc": losses.contrastive.item(),
+                      "loss_lp": losses.label_preserving.item()}
+            for k, v in values.items():
+                sums[k] += v
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+            if self.writer is not None and (step % cfg.train.log_every == 0):
+                for k, v in values.items():
+                    self.writer.add_scalar(f"train/{k}", v, step)
+                self.writer.add_scalar("train/interpolation_weight", weight, step)
+        n = max(cfg.optim.iters, 1)
+        return {k: round(v / n, 6) for k, v in sums.items()} | {"interpolation_weight": round(weight, 6)}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        evaluation = evaluate_model(self.model, self.dataset, self.cfg, self.device, dist_ctx=self.ctx,
+                                    progress=self.cfg.train.progress)
+        return {k: round(v, 6) for k, v in evaluation.result.to_dict().items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, epoch: int, record: dict) -> None:
+        """checkpoint_last.pt, then model_best.pt when improved, then metrics.jsonl — all atomic.
+        Only rank 0 writes; the other ranks wait."""
+        score = record.get("mAP")
+        is_best = score is not None and score > self.best_score
+        if not self.dataset.has_test:  # nothing to select on: the latest model is the best one
+            is_best = True
+        if is_best:
+            self.best_score = score if score is not None else self.best_score
+            self.best_epoch = epoch + 1
+        if self.ctx.is_main:
+            state = self.model.state_dict()
+            model_config = to_dict(self.cfg)["model"]
+            payload = ckpt.model_payload(state, model_config, epoch + 1, score)
+            payload.update({
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "memory": self.memory.centroids.detach().cpu() if self.memory is not None else None,
+                "pseudo_labels": torch.as_tensor(self.pseudo_labels) if self.pseudo_labels is not None else None,
+                "best_score": self.best_score,
+                "best_epoch": self.best_epoch,
+                "history": self.history,
+                "rng": ckpt.rng_state(),
+                "config": to_dict(self.cfg),
+                "world_size": self.ctx.world_size,
+            })
+            ckpt.save(self.out / ckpt.LAST, payload)
+            if is_best:
+                ckpt.save(self.out / ckpt.BEST, ckpt.model_payload(state, model_config, epoch + 1, score))
+            self._write_metrics()
+        self.ctx.barrier()
+
+    def _write_metrics(self) -> None:
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
+        atomic_write_text(self.out / "metrics.jsonl", lines)
+
+    def resume(self) -> None:
+        """Continue from ``checkpoint_last.pt`` when the output folder has one."""
+        path = self.out / ckpt.LAST
+        if not path.exists():
+            return
+        state = ckpt.load(path)
+        saved_cfg = state.get("config", {})
+        current = to_dict(self.cfg)
+        for section in _RESUME_MUST_MATCH:
+            if saved_cfg.get(section) != current[section]:
+                diff = sorted(k for k in current[section]
+                              if saved_cfg.get(section, {}).get(k) != current[section][k])
+                raise CheckpointError(
+                    f"{path} belongs to a run with different {section} settings ({', '.join(f'{section}.{k}' for k in diff)}); "
+                    "use a new --output-dir or the original settings"
+                )
+        try:
+            self.model.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume from {path}: {str(e).splitlines()[0]}") from None
+        self.start_epoch = int(state["epoch"])
+        self.best_score = float(state["best_score"])
+        self.best_epoch = int(state["best_epoch"])
+        self.history = list(state["history"])[: self.start_epoch]
+        if state.get("pseudo_labels") is not None and state.get("memory") is not None:
+            self.pseudo_labels = state["pseudo_labels"].numpy()
+            self.memory = ClusterMemory(state["memory"].to(self.device), temperature=self.cfg.memory.temperature,
+                                        momentum=self.cfg.memory.momentum, mode=self.cfg.memory.mode)
+        ckpt.set_rng_state(state["rng"])
+        if self.ctx.is_main:
+            self._repair_best(state)
+            self._write_metrics()  # drop lines of an epoch that did not finish
+        log.info("resumed from %s at epoch %d/%d", path, self.start_epoch, self.cfg.optim.epochs)
+
+    def _repair_best(self, state: dict) -> None:
+        """A kill between writing checkpoint_last.pt and model_best.pt leaves a stale best file."""
+        best = self.out / ckpt.BEST
+        if self.best_epoch != self.start_epoch:
+            return
+        current_epoch = None
+        if best.exists():
+            try:
+                current_epoch = ckpt.load(best).get("epoch")
+            except CheckpointError:
+                current_epoch = None
+        if current_epoch != self.best_epoch:
+            ckpt.save(best, ckpt.model_payload(state["state_dict"], state["model_config"], state["epoch"],
+                                               state.get("mAP")))
+
+    # ------------------------------------------------------------------ logging
+    def _log_epoch(self, record: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        parts = [f"epoch {record['epoch']}/{self.cfg.optim.epochs}",
+                 f"clusters {record['num_clusters']}", f"outliers {record['num_outliers']}",
+                 f"loss {record['loss']:.4f}"]
+        if "mAP" in record:
+            parts.append(f"mAP {100 * record['mAP']:.1f}%  rank-1 {100 * record['rank1']:.1f}%")
+        nmi = record.get("cluster", {}).get("nmi")
+        if nmi is not None:
+            parts.append(f"NMI {nmi:.3f}")
+        parts.append(f"{record['seconds']:.0f}s")
+        log.info("  ".join(parts))
+        if self.writer is not None:
+            step = record["epoch"]
+            for key in ("num_clusters", "num_outliers", "loss", "loss_cc", "loss_lp", "lr", "mAP", "rank1"):
+                if key in record:
+                    self.writer.add_scalar(f"epoch/{key}", record[key], step)
+            for key, value in record.get("cluster", {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self.writer.add_scalar(f"cluster/{key}", value, step)
+            self.writer.flush()

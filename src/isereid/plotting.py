@@ -1,0 +1,88 @@
+"""Training curves from a run folder's ``metrics.jsonl`` as one PNG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import IsereidError
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The per-epoch records of ``run_dir/metrics.jsonl`` (ValueError-free: bad lines are an error)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise IsereidError(f"no metrics.jsonl in {run_dir}; is it the output folder of `isereid train`?")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise IsereidError(f"{path} line {n} is not valid JSON") from None
+    if not records:
+        raise IsereidError(f"{path} holds no epochs yet")
+    return records
+
+
+def plot_metrics(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Write a 2×2 figure (accuracy, losses, clusters/outliers, pseudo-label quality) -> PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    output = Path(output) if output else Path(run_dir) / "curves.png"
+    epochs = [r["epoch"] for r in records]
+
+    def series(key: str, nested: str | None = None):
+        xs, ys = [], []
+        for r in records:
+            value = (r.get(nested) or {}).get(key) if nested else r.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                xs.append(r["epoch"])
+                ys.append(value)
+        return xs, ys
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    ax = axes[0, 0]
+    for key, label in (("mAP", "mAP"), ("rank1", "rank-1")):
+        xs, ys = series(key)
+        if xs:
+            ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+    ax.set(title="Evaluation", xlabel="epoch", ylabel="%")
+    ax.legend(loc="lower right") if ax.lines else ax.text(0.5, 0.5, "not evaluated", ha="center",
+                                                          transform=ax.transAxes)
+    ax = axes[0, 1]
+    for key, label in (("loss", "total"), ("loss_cc", "contrastive"), ("loss_lp", "label-preserving")):
+        xs, ys = series(key)
+        if xs:
+            ax.plot(xs, ys, marker=".", label=label)
+    ax.set(title="Training loss (epoch mean)", xlabel="epoch")
+    ax.legend()
+    ax = axes[1, 0]
+    xs, ys = series("num_clusters")
+    ax.plot(xs, ys, marker=".", color="tab:blue", label="clusters")
+    ax.set(title="Pseudo-labels", xlabel="epoch", ylabel="clusters")
+    twin = ax.twinx()
+    xs, ys = series("num_outliers")
+    twin.plot(xs, ys, marker=".", color="tab:red", label="outliers")
+    twin.set_ylabel("outliers", color="tab:red")
+    ax = axes[1, 1]
+    for key, label in (("nmi", "NMI"), ("ari", "ARI"), ("purity", "purity")):
+        xs, ys = series(key, nested="cluster")
+        if xs:
+            ax.plot(xs, ys, marker=".", label=label)
+    ax.set(title="Pseudo-label quality vs ground truth", xlabel="epoch", ylim=(0, 1.02))
+    if ax.lines:
+        ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no ground-truth identities", ha="center", transform=ax.transAxes)
+    fig.suptitle(f"isereid run: {Path(run_dir).resolve().name} ({len(epochs)} epochs)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(output)
+    return output

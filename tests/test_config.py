@@ -1,0 +1,102 @@
+"""Config schema, presets and overrides."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from isereid.config import Config, load_config, preset_names, to_dict, to_yaml
+from isereid.errors import ConfigError
+
+
+def test_presets_carry_reference_hyper_parameters():
+    assert {"market1501", "msmt17", "demo"} <= set(preset_names())
+    m = load_config("market1501")
+    assert (m.cluster.eps, m.memory.momentum, m.memory.mode, m.ise.lp_weight) == (0.4, 0.2, "hard", 0.1)
+    assert (m.optim.epochs, m.optim.step_size, m.optim.iters, m.data.batch_size, m.data.num_instances) == (
+        70, 30, 400, 256, 16)
+    assert (m.model.arch, m.model.pooling, m.model.bn_mode, m.model.bn_chunk) == ("resnet50", "avg", "chunk", 64)
+    s = load_config("msmt17")
+    assert (s.cluster.eps, s.memory.momentum, s.memory.mode, s.ise.lp_weight) == (0.7, 0.1, "ori", 0.01)
+    assert (s.optim.epochs, s.optim.step_size) == (50, 20)
+    # Reference values shared by both presets (ALGORITHM.md §7).
+    for c in (m, s):
+        assert (c.optim.lr, c.optim.weight_decay, c.memory.temperature, c.ise.lp_temperature) == (
+            3.5e-4, 5e-4, 0.05, 0.6)
+        assert (c.cluster.k1, c.cluster.k2, c.cluster.min_samples, c.ise.topk, c.ise.lambda_base) == (30, 6, 4, 1, 1.0)
+        assert c.data.erasing_value == [0.485, 0.456, 0.406]
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config("demo", ["optim.epochs=3", "model.arch=resnet34", "ise.pil=false", "train.amp=true"])
+    assert cfg.optim.epochs == 3 and isinstance(cfg.optim.epochs, int)
+    assert cfg.model.arch == "resnet34" and cfg.ise.pil is False and cfg.train.amp is True
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.epoch=3", "optim.epochs"),
+    ("epochs=3", "optim.epochs"),
+    ("memory.momentun=0.1", "memory.momentum"),
+])
+def test_unknown_key_names_key_and_suggests(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("market1501", [override])
+    msg = str(e.value)
+    assert override.split("=")[0] in msg and needle in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.epochs=abc", "optim.epochs"),
+    ("model.pooling=max", "model.pooling"),
+    ("memory.mode=soft", "memory.mode"),
+    ("data.batch_size=100", "num_instances"),
+    ("memory.momentum=1.5", "memory.momentum"),
+    ("noequals", "key=value"),
+])
+def test_bad_values_are_one_line_errors(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("market1501", [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_preset_and_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config preset 'marked'"):
+        load_config("marked")
+    good = tmp_path / "mine.yaml"
+    good.write_text("optim:\n  epochs: 5\nmodel:\n  arch: resnet18\n")
+    cfg = load_config(str(good), ["optim.iters=7"])
+    assert (cfg.optim.epochs, cfg.optim.iters, cfg.model.arch) == (5, 7, "resnet18")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epocs: 5\n")
+    with pytest.raises(ConfigError, match="optim.epocs"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config("msmt17", ["optim.epochs=2"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert to_dict(load_config(str(path))) == to_dict(cfg)
+
+
+@settings(max_examples=40, deadline=None)
+@given(epochs=st.integers(1, 10_000), lr=st.floats(1e-8, 1.0, allow_nan=False), pil=st.booleans(),
+       arch=st.sampled_from(["resnet18", "resnet50"]))
+def test_override_property(epochs, lr, pil, arch):
+    cfg = load_config("market1501", [f"optim.epochs={epochs}", f"optim.lr={lr!r}", f"ise.pil={str(pil).lower()}",
+                                     f"model.arch={arch}"])
+    assert (cfg.optim.epochs, cfg.ise.pil, cfg.model.arch) == (epochs, pil, arch)
+    assert cfg.optim.lr == pytest.approx(lr, rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.", min_size=1, max_size=20))
+def test_random_keys_never_crash(key):
+    """Any key either applies or gives a ConfigError; never another exception."""
+    try:
+        load_config("demo", [f"{key}=1"])
+    except ConfigError as e:
+        assert "\n" not in str(e)
