@@ -116,12 +116,9 @@ def _drop_unreadable(dataset, max_bad_fraction: float):
 
 
 def _finish_training(out: Path, history: list, trainer) -> None:
-    try:
-        from .plotting import plot_metrics
+    from .plotting import plot_metrics
 
-        plot_metrics(out)
-    except ImportError:
-        pass
+    log.info("curves: %s", plot_metrics(out))
     scored = [r for r in history if "mAP" in r]
     if scored:
         best = max(scored, key=lambda r: r["mAP"])
@@ -181,11 +178,134 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_input_size(args: argparse.Namespace):
+    """The checkpoint's model and the (H, W) to feed it: --height/--width, else the size stored
+    in an isereid checkpoint, else the --config's, else 256x128."""
+    from .config import load_config
+    from .models import load_model
+    from .models.checkpoint import safe_load
+
+    model = load_model(args.checkpoint, map_location="cpu")
+    size = None
+    if getattr(args, "config", None):
+        cfg = load_config(args.config)
+        size = (cfg.data.height, cfg.data.width)
+    else:
+        stored = safe_load(args.checkpoint, map_location="cpu")
+        if isinstance(stored, dict) and stored.get("input_size"):
+            size = tuple(int(v) for v in stored["input_size"])
+    size = size or (256, 128)
+    height = args.height or size[0]
+    width = args.width or size[1]
+    return model, height, width
+
+
+def _transform(height: int, width: int):
+    from .config import DataConfig
+    from .data.transforms import build_test_transform
+
+    return build_test_transform(DataConfig(height=height, width=width))
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .config import load_config
+    from .data.datasets import build_dataset, images_in_folder
+    from .features import extract_features
+    from .utils import atomic_write, resolve_device
+
+    model, height, width = _model_and_input_size(args)
+    device = resolve_device(args.device)
+    if args.images:
+        samples = images_in_folder(args.images)
+        splits = ["images"] * len(samples)
+    else:
+        name = load_config(args.config).data.dataset if args.config else "folder"
+        dataset = build_dataset(name, args.data_root)
+        samples, splits = [], []
+        for split in ("train", "query", "gallery"):
+            part = getattr(dataset, split)
+            samples += part
+            splits += [split] * len(part)
+    feats = extract_features(model.to(device), [s.path for s in samples], _transform(height, width),
+                             batch_size=args.batch_size, workers=args.workers, device=device, desc="extract")
+
+    def write(f):
+        np.savez(f, features=feats.numpy(), paths=np.array([s.path for s in samples]),
+                 pids=np.array([s.pid for s in samples], dtype=np.int64),
+                 camids=np.array([s.camid for s in samples], dtype=np.int64), splits=np.array(splits))
+
+    atomic_write(args.output, write)
+    log.info("wrote %d x %d features to %s", feats.shape[0], feats.shape[1], args.output)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data.datasets import images_in_folder, parse_image_name
+    from .errors import DatasetError
+    from .evaluation import pairwise_distance
+    from .features import extract_features
+    from .utils import resolve_device
+    from .visualize import draw_rank_rows, rank_rows_from_distances
+
+    missing = [q for q in args.query if not Path(q).is_file()]
+    if missing:
+        raise DatasetError(f"query image not found: {missing[0]}")
+    model, height, width = _model_and_input_size(args)
+    device = resolve_device(args.device)
+    gallery = images_in_folder(args.gallery)
+    transform = _transform(height, width)
+    model = model.to(device)
+    qf = extract_features(model, list(args.query), transform, batch_size=args.batch_size, workers=0,
+                          device=device, progress=False)
+    gf = extract_features(model, [s.path for s in gallery], transform, batch_size=args.batch_size,
+                          workers=args.workers, device=device, desc="gallery")
+    dist = pairwise_distance(qf, gf).numpy()
+    q_pids = np.array([parse_image_name(Path(q).name)[0] if parse_image_name(Path(q).name) else -1
+                       for q in args.query])
+    g_pids = np.array([s.pid for s in gallery])
+    known = (q_pids >= 0).any() and (g_pids >= 0).any()
+    rows = rank_rows_from_distances(dist, list(args.query), [s.path for s in gallery], args.topk,
+                                    q_pids if known else None, g_pids if known else None)
+    draw_rank_rows(rows, args.output)
+    for row in rows:
+        log.info("%s: %s", row.query_path,
+                 ", ".join(f"{Path(p).name} ({d:.3f})" for p, d in zip(row.gallery_paths, row.distances)))
+    log.info("wrote %s", args.output)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    model, height, width = _model_and_input_size(args)
+    report = export_onnx(model, args.output, height, width, opset=args.opset, tolerance=args.tolerance)
+    log.info("wrote %s (input 3x%dx%d, dynamic batch); onnxruntime vs PyTorch max abs difference %.2e "
+             "(tolerance %.0e, batch sizes %s)", report.path, height, width, report.max_abs_diff,
+             report.tolerance, ", ".join(map(str, report.batch_sizes)))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_metrics
+
+    path = plot_metrics(args.run_dir, args.output)
+    log.info("wrote %s", path)
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo-data": cmd_demo_data,
     "train": cmd_train,
     "test": cmd_test,
+    "extract": cmd_extract,
+    "search": cmd_search,
+    "export": cmd_export,
+    "plot": cmd_plot,
 }
 
 
@@ -216,17 +336,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write rank-list pictures of the N best and N worst queries")
     p.add_argument("--visualize-dir", default="ranklists", help="folder for --visualize pictures")
 
-    _add_tool_commands(sub, common)
+    p = sub.add_parser("extract", parents=[common], help="write features of a dataset or an image folder to .npz")
+    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-root", help="dataset folder (layout from --config, else auto-detected)")
+    src.add_argument("--images", help="folder of images (searched recursively)")
+    p.add_argument("--config", help="preset or YAML naming the dataset type and input size")
+    p.add_argument("--output", required=True, help="output .npz (features, paths, pids, camids, splits)")
+    _runtime_args(p)
+
+    p = sub.add_parser("search", parents=[common], help="rank a gallery folder for query images; draw the rank list")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--query", required=True, nargs="+", metavar="IMG")
+    p.add_argument("--gallery", required=True, metavar="DIR")
+    p.add_argument("--topk", type=int, default=10)
+    p.add_argument("--output", default="ranks.png", help="picture to write (default: ranks.png)")
+    p.add_argument("--config", help="preset or YAML giving the input size")
+    _runtime_args(p)
+
+    p = sub.add_parser("export", parents=[common], help="export a checkpoint to ONNX, verified with onnxruntime")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", help="preset or YAML giving the input size")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs feature difference allowed")
+
+    p = sub.add_parser("plot", parents=[common], help="draw training curves of a run folder")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="PNG to write (default: RUN_DIR/curves.png)")
     return parser
 
 
-def _add_tool_commands(sub, common) -> None:
-    """extract / search / export / plot, when their modules are present."""
-    try:
-        from .tools import register_commands
-    except ImportError:
-        return
-    register_commands(sub, common, COMMANDS)
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, help="input height (default: from the checkpoint or config)")
+    p.add_argument("--width", type=int, help="input width")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,8 +38,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def model_payload(model_state: dict, model_config: dict, epoch: int, score: Optional[float]) -> dict:
-    """The contents of ``model_best.pt`` (also the model part of the last checkpoint)."""
+def model_payload(model_state: dict, model_config: dict, epoch: int, score: Optional[float],
+                  input_size: Optional[list] = None) -> dict:
+    """The contents of ``model_best.pt`` (also the model part of the last checkpoint).
+    ``input_size`` = [H, W] the model was trained at (tools default to it)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -47,6 +49,7 @@ def model_payload(model_state: dict, model_config: dict, epoch: int, score: Opti
         "model_config": model_config,
         "epoch": epoch,
         "mAP": score,
+        "input_size": input_size,
     }
 
 

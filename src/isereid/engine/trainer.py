@@ -274,7 +274,8 @@ class Trainer:
         if self.ctx.is_main:
             state = self.model.state_dict()
             model_config = to_dict(self.cfg)["model"]
-            payload = ckpt.model_payload(state, model_config, epoch + 1, score)
+            size = [self.cfg.data.height, self.cfg.data.width]
+            payload = ckpt.model_payload(state, model_config, epoch + 1, score, size)
             payload.update({
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -290,7 +291,7 @@ class Trainer:
             })
             ckpt.save(self.out / ckpt.LAST, payload)
             if is_best:
-                ckpt.save(self.out / ckpt.BEST, ckpt.model_payload(state, model_config, epoch + 1, score))
+                ckpt.save(self.out / ckpt.BEST, ckpt.model_payload(state, model_config, epoch + 1, score, size))
             self._write_metrics()
         self.ctx.barrier()
 
@@ -348,7 +349,7 @@ class Trainer:
                 current_epoch = None
         if current_epoch != self.best_epoch:
             ckpt.save(best, ckpt.model_payload(state["state_dict"], state["model_config"], state["epoch"],
-                                               state.get("mAP")))
+                                               state.get("mAP"), state.get("input_size")))
 
     # ------------------------------------------------------------------ logging
     def _log_epoch(self, record: dict) -> None:

@@ -1,0 +1,165 @@
+"""The `isereid` command end to end on demo data: demo-data, train (+resume), test, extract,
+search, export, plot, and the one-line errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from isereid.cli import main
+
+# A small, fast variant of the demo preset shared by the tool tests.
+FAST = ["optim.epochs=2", "optim.iters=4", "eval.every=1", "data.workers=0", "train.progress=false",
+        "train.tensorboard=false", "data.batch_size=32", "model.bn_chunk=16"]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    assert main(["demo-data", str(root), "--identities", "60", "--seed", "3"]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--config", "demo", "--data-root", str(demo_root), "--output-dir", str(out), *FAST]) == 0
+    return out
+
+
+def test_train_writes_run_folder(trained_run):
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint_last.pt", "model_best.pt", "curves.png", "train.log"):
+        assert (trained_run / name).is_file(), name
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("num_clusters", "num_outliers", "loss", "loss_cc", "loss_lp", "lr", "seconds", "mAP", "rank1"):
+            assert key in r, key
+        assert r["num_clusters"] >= 2 and 0 <= r["mAP"] <= 1 and np.isfinite(r["loss"])
+        assert 0 <= r["cluster"]["nmi"] <= 1
+    # no leftover temporary files from atomic writes
+    assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_rerun_of_finished_run_resumes_and_changes_nothing(trained_run, demo_root):
+    before = (trained_run / "metrics.jsonl").read_text()
+    assert main(["train", "--config", "demo", "--data-root", str(demo_root), "--output-dir", str(trained_run),
+                 *FAST]) == 0
+    assert (trained_run / "metrics.jsonl").read_text() == before
+
+
+def test_test_command_writes_json(trained_run, demo_root, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["test", "--config", "demo", "--data-root", str(demo_root), "--checkpoint",
+                 str(trained_run / "model_best.pt"), "--json", str(out), "train.progress=false",
+                 "data.workers=0", "--visualize", "2", "--visualize-dir", str(tmp_path / "pics")]) == 0
+    metrics = json.loads(out.read_text())
+    assert set(metrics) == {"mAP", "rank1", "rank5", "rank10"}
+    assert all(0 <= v <= 1 for v in metrics.values())
+    assert metrics["rank1"] <= metrics["rank5"] <= metrics["rank10"]
+    last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    best = max(json.loads(l)["mAP"] for l in (trained_run / "metrics.jsonl").read_text().splitlines())
+    assert metrics["mAP"] == pytest.approx(best, abs=1e-4) and last["mAP"] <= best + 1e-9
+    for name in ("best.png", "worst.png"):
+        _assert_picture(tmp_path / "pics" / name, rows=2)
+
+
+def _assert_picture(path, rows=None):
+    im = np.asarray(Image.open(path).convert("RGB"))
+    assert im.shape[0] >= 128 * (rows or 1) and im.shape[1] >= 128
+    assert im.std() > 10  # not blank
+    return im
+
+
+def test_direct_transfer_without_checkpoint(demo_root, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["test", "--config", "demo", "--data-root", str(demo_root), "--json", str(out),
+                 "train.progress=false", "data.workers=0"]) == 0
+    assert 0 <= json.loads(out.read_text())["mAP"] <= 1
+
+
+def test_extract(trained_run, demo_root, tmp_path):
+    out = tmp_path / "f.npz"
+    assert main(["extract", "--checkpoint", str(trained_run / "model_best.pt"), "--data-root", str(demo_root),
+                 "--config", "demo", "--output", str(out), "--workers", "0"]) == 0
+    data = np.load(out)
+    n = len(data["paths"])
+    assert data["features"].shape == (n, 512)
+    np.testing.assert_allclose(np.linalg.norm(data["features"], axis=1), 1, atol=1e-5)
+    assert set(data["splits"]) == {"train", "query", "gallery"} and (data["pids"][data["splits"] == "query"] > 0).all()
+    # the same features as the model gives directly
+    import isereid
+    from isereid.config import load_config
+    from isereid.data.images import ImageDataset
+    from isereid.data.transforms import build_test_transform
+
+    model = isereid.load_model(trained_run / "model_best.pt")
+    ds = ImageDataset([str(p) for p in data["paths"][:4]], build_test_transform(load_config("demo").data))
+    with torch.no_grad():
+        direct = model(torch.stack([ds[i][0] for i in range(4)]))
+    np.testing.assert_allclose(data["features"][:4], direct.numpy(), atol=1e-5)
+
+
+def test_extract_image_folder_and_search(trained_run, demo_root, tmp_path):
+    out = tmp_path / "g.npz"
+    gallery = demo_root / "bounding_box_test"
+    assert main(["extract", "--checkpoint", str(trained_run / "model_best.pt"), "--images", str(gallery),
+                 "--output", str(out), "--workers", "0"]) == 0
+    assert np.load(out)["features"].shape[0] == len(list(gallery.glob("*.jpg")))
+    queries = sorted((demo_root / "query").glob("*.jpg"))[:2]
+    png = tmp_path / "ranks.png"
+    assert main(["search", "--checkpoint", str(trained_run / "model_best.pt"), "--query", *map(str, queries),
+                 "--gallery", str(gallery), "--topk", "5", "--output", str(png), "--workers", "0"]) == 0
+    im = _assert_picture(png, rows=2)
+    assert im.shape[1] >= 6 * 64  # query + 5 results
+    # green or red borders are drawn since the demo names carry identities
+    colours = {tuple(c) for c in im.reshape(-1, 3)[::7]}
+    assert (40, 170, 60) in colours or (210, 40, 40) in colours
+
+
+def test_export_onnx_parity(trained_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(trained_run / "model_best.pt"), "--format", "onnx",
+                 "--output", str(out)]) == 0
+    import onnxruntime as ort
+
+    import isereid
+
+    model = isereid.load_model(trained_run / "model_best.pt")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = torch.randn(5, 3, 64, 32)  # batch 5: the batch axis is dynamic
+    got = session.run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(images).numpy(), atol=1e-4)
+
+
+def test_plot(trained_run, tmp_path):
+    png = tmp_path / "c.png"
+    assert main(["plot", str(trained_run), "--output", str(png)]) == 0
+    _assert_picture(png)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["test", "--config", "demo", "--data-root", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["train", "--config", "demo", "--data-root", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["train", "--config", "demo", "optim.epoch=2"], "optim.epochs"),
+    (["train", "--config", "nosuchpreset"], "nosuchpreset"),
+    (["test", "--config", "demo", "--checkpoint", "/nonexistent.pt"], "/nonexistent.pt"),
+    (["plot", "/nonexistent/run"], "metrics.jsonl"),
+])
+def test_bad_input_is_one_line_error(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0]
+
+
+def test_not_a_checkpoint(tmp_path, demo_root, capsys):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"this is not a checkpoint")
+    assert main(["test", "--config", "demo", "--data-root", str(demo_root), "--checkpoint", str(bogus)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bogus.pt" in err[0]

@@ -1,0 +1,101 @@
+"""DDP (gloo, 2 CPU processes) gives the same step as one process on the same global batch."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from isereid.config import ISEConfig, MemoryConfig, ModelConfig
+from isereid.engine.distributed import DistContext, gather_with_grad
+from isereid.engine.step import ise_losses
+from isereid.memory import ClusterMemory
+from isereid.models import build_model, trainable_parameters
+
+WORLD = 2
+BATCH = 16  # 4 pseudo-identities x 4 instances; 8 images per rank
+CHUNK = 4  # ghost-BN chunk: each rank holds 2 chunks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem():
+    """Model, inputs, labels and memory, identical in every process (seeded)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet18", pretrained=False, bn_mode="chunk", bn_chunk=CHUNK))
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(BATCH, 3, 32, 16, generator=g)
+    # asymmetric: rank 0 holds identities 2 and 0, rank 1 identities 5 and 1
+    labels = torch.tensor([2] * 4 + [0] * 4 + [5] * 4 + [1] * 4)
+    centroids = torch.nn.functional.normalize(torch.randn(6, model.num_features, generator=g), dim=1)
+    return model, images, labels, centroids
+
+
+def _step(model, images, labels, memory, ctx: DistContext, net):
+    """One optimizer-free step: returns loss; grads left in model params; memory updated."""
+    model.train()
+    local = net(images)
+    feats = gather_with_grad(local, ctx)
+    all_labels = ctx.all_gather(labels)
+    out = ise_losses(feats, all_labels, memory, 0.2, ISEConfig(lp_weight=0.1), MemoryConfig(mode="ori", momentum=0.1))
+    (out.total * ctx.world_size).backward()
+    memory.update(out.memory_inputs, out.memory_labels)
+    return out.total.detach()
+
+
+def _worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, images, labels, centroids = _problem()
+        ctx = DistContext(rank=rank, world_size=WORLD, device=torch.device("cpu"))
+        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=True)
+        memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
+        per = BATCH // WORLD
+        sl = slice(rank * per, (rank + 1) * per)
+        loss = _step(model, images[sl], labels[sl], memory, ctx, net)
+        grads = [p.grad.clone() for p in trainable_parameters(model)]
+        torch.save({"loss": loss, "grads": grads, "memory": memory.centroids.clone(),
+                    "buffers": {k: v.clone() for k, v in model.state_dict().items() if "running" in k}},
+                   os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_rank_step_equals_single_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+
+    model, images, labels, centroids = _problem()
+    memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
+    loss = _step(model, images, labels, memory, DistContext(), model)
+    grads = [p.grad for p in trainable_parameters(model)]
+    buffers = {k: v for k, v in model.state_dict().items() if "running" in k}
+
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["memory"], memory.centroids, rtol=1e-5, atol=1e-6)
+        assert len(got["grads"]) == len(grads)
+        for a, b in zip(got["grads"], grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        if rank == 0:  # ghost BN: running stats come from the first chunk of the global batch
+            for k, v in buffers.items():
+                torch.testing.assert_close(got["buffers"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_gather_is_identity_without_distributed():
+    x = torch.randn(3, 4, requires_grad=True)
+    ctx = DistContext()
+    assert gather_with_grad(x, ctx) is x and ctx.all_gather(x) is x
+    assert list(ctx.shard(10)) == list(range(10))
+    shards = [DistContext(rank=r, world_size=3).shard(10) for r in range(3)]
+    assert [list(s) for s in shards] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
