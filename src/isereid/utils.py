@@ -4,12 +4,30 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+
+FAILPOINT_ENV = "ISEREID_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """Crash-test hook: with ``ISEREID_FAILPOINT=name:N`` in the environment the process
+    kills itself (SIGKILL, as ``kill -9``) the N-th time it reaches ``failpoint(name)``.
+    Points: ``iteration``, ``clustering``, ``checkpoint_write``. A no-op otherwise."""
+    spec = os.environ.get(FAILPOINT_ENV)
+    if not spec or not spec.startswith(name + ":"):
+        return
+    counter = f"_ISEREID_FAILPOINT_HITS_{name}"
+    hits = int(os.environ.get(counter, "0")) + 1
+    os.environ[counter] = str(hits)
+    if hits >= int(spec.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -21,6 +39,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
+            failpoint("checkpoint_write")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -42,7 +42,7 @@ from ..features import extract_features
 from ..ise import interpolation_weight
 from ..memory import ClusterMemory
 from ..models import build_model, trainable_parameters
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, failpoint
 from . import checkpoint as ckpt
 from .distributed import DistContext, gather_with_grad
 from .step import ise_losses
@@ -169,6 +169,7 @@ class Trainer:
         )
         labels = None
         if self.ctx.is_main:
+            failpoint("clustering")
             labels = jaccard_dbscan(features, eps=cfg.cluster.eps, k1=cfg.cluster.k1, k2=cfg.cluster.k2,
                                     min_samples=cfg.cluster.min_samples, knn_backend=cfg.cluster.knn_backend)
         labels = np.asarray(self.ctx.broadcast_object(labels), dtype=np.int64)
@@ -241,6 +242,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             memory.update(losses.memory_inputs, losses.memory_labels)
+            failpoint("iteration")
 
             values = {"loss": losses.total.item(), "loss_cc": losses.contrastive.item(),
                       "loss_lp": losses.label_preserving.item()}
@@ -302,6 +304,9 @@ class Trainer:
     def resume(self) -> None:
         """Continue from ``checkpoint_last.pt`` when the output folder has one."""
         path = self.out / ckpt.LAST
+        if self.ctx.is_main and self.out.is_dir():
+            for stale in self.out.glob(".*.tmp"):  # left by a kill during an atomic write
+                stale.unlink(missing_ok=True)
         if not path.exists():
             return
         state = ckpt.load(path)
