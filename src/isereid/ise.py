@@ -1,0 +1,54 @@
+"""Implicit Sample Extension: support samples by progressive linear interpolation (ALGORITHM.md §5).
+
+Each sample f of pseudo-identity y gets K support samples pushed from its own centroid
+towards the K most similar *other* centroids:
+
+    s = normalize(f + a(t) · (c_nearest − c_y)),   a(t) = 0.25 · λ · ln(1 + (e − 1)·t/T)
+
+The direction is centroid-to-centroid and the nearest centroids are found from the detached
+sample (traps 3–4). Supports keep the sample's label and carry gradients into f.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def interpolation_weight(step: int, total_steps: int, lambda_base: float = 1.0) -> float:
+    """Effective interpolation coefficient a(t) at global iteration ``step`` of ``total_steps``.
+
+    Grows from 0 at t = 0 to 0.25·``lambda_base`` at t = T (both of the reference's 0.5 factors
+    are included, trap 3).
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    return 0.25 * lambda_base * math.log(1.0 + (math.e - 1.0) * step / total_steps)
+
+
+def nearest_foreign_centroids(features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
+                              topk: int = 1) -> torch.Tensor:
+    """Indices (B, K) of the ``topk`` centroids most similar to each row, its own label excluded."""
+    num_clusters = centroids.shape[0]
+    if not 1 <= topk < num_clusters:
+        raise ValueError(f"topk must be in [1, {num_clusters - 1}] for {num_clusters} clusters, got {topk}")
+    sims = features.detach().to(centroids.dtype) @ centroids.t()  # (B, M)
+    sims = sims.scatter(1, labels.long().view(-1, 1), float("-inf"))
+    return sims.topk(topk, dim=1).indices
+
+
+def support_samples(features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, weight: float,
+                    topk: int = 1) -> torch.Tensor:
+    """Support samples (B·K, D) for unit features (B, D) with pseudo-labels (B,) and centroids (M, D).
+
+    Row ``b·K + k`` belongs to sample b and its k-th nearest foreign centroid, so the support
+    labels are ``labels.repeat_interleave(K)``. Gradients flow into ``features``, never into
+    ``centroids``.
+    """
+    centroids = centroids.detach()
+    nearest = nearest_foreign_centroids(features, labels, centroids, topk)  # (B, K)
+    own = centroids[labels.long()].unsqueeze(1)  # (B, 1, D)
+    shift = (centroids[nearest] - own).to(features.dtype)  # (B, K, D)
+    supports = features.unsqueeze(1) + weight * shift
+    return F.normalize(supports.reshape(-1, features.shape[1]), dim=1)

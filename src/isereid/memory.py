@@ -1,0 +1,125 @@
+"""Cluster memory: one L2-normalised centroid per pseudo-identity (ALGORITHM.md §4.4, §6.1, §6.2).
+
+The memory is rebuilt from the cluster means at every re-clustering (trap 17) and is never
+optimised. The contrastive loss reads it; the trainer writes it with an explicit,
+no-grad :meth:`ClusterMemory.update` after the backward pass. The reference does the same
+write inside a custom autograd backward; the result is identical because the update only
+uses the detached, already computed batch rows and the loss's gradient only uses the
+centroids as they were before the update.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+MODES = ("hard", "ori")
+
+
+class ClusterMemory(nn.Module):
+    """Centroid memory with a cross-entropy loss over all clusters.
+
+    Args:
+        centroids: (M, D) initial centres; stored L2-normalised in the persistent buffer
+            ``centroids`` (so ``.to()``, ``state_dict`` and DDP handle it).
+        temperature: softmax temperature of the contrastive loss (reference 0.05).
+        momentum: weight of the OLD centre in ``c <- m*c + (1-m)*x`` (trap 7).
+        mode: ``"hard"`` — one update per label with its least similar row of the batch
+            (Market); ``"ori"`` — every row in batch order, sequentially (MSMT) (trap 6).
+    """
+
+    centroids: torch.Tensor
+
+    def __init__(self, centroids: torch.Tensor, temperature: float = 0.05, momentum: float = 0.2,
+                 mode: str = "hard"):
+        super().__init__()
+        if centroids.dim() != 2 or centroids.shape[0] < 1:
+            raise ValueError(f"centroids must be a non-empty (M, D) tensor, got shape {tuple(centroids.shape)}")
+        if mode not in MODES:
+            raise ConfigError(f"unknown memory mode {mode!r}; choose one of {', '.join(MODES)}")
+        if temperature <= 0:
+            raise ConfigError(f"memory temperature must be positive, got {temperature}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ConfigError(f"memory momentum must be in [0, 1], got {momentum}")
+        self.temperature = float(temperature)
+        self.momentum = float(momentum)
+        self.mode = mode
+        dtype = centroids.dtype if centroids.is_floating_point() else torch.float32
+        self.register_buffer("centroids", F.normalize(centroids.detach().clone().to(dtype), dim=1))
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, labels: torch.Tensor, **kwargs) -> "ClusterMemory":
+        """Memory from the normalised means of ``features`` (N, D) per label in 0..M-1 (N,)."""
+        labels = torch.as_tensor(labels, device=features.device).long()
+        if labels.numel() != features.shape[0]:
+            raise ValueError(f"{labels.numel()} labels for {features.shape[0]} features")
+        if labels.numel() == 0 or int(labels.min()) < 0:
+            raise ValueError("from_features needs at least one sample and labels >= 0 (drop outliers first)")
+        num = int(labels.max()) + 1
+        sums = features.new_zeros(num, features.shape[1], dtype=torch.float32)
+        sums.index_add_(0, labels, features.float())
+        counts = torch.bincount(labels, minlength=num)
+        if bool((counts == 0).any()):
+            missing = int(torch.nonzero(counts == 0)[0])
+            raise ValueError(f"label {missing} has no sample; labels must be 0..M-1 without gaps")
+        return cls(sums / counts.unsqueeze(1), **kwargs)
+
+    @property
+    def num_clusters(self) -> int:
+        return self.centroids.shape[0]
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(R, D) rows -> (R, M) cosine logits / temperature; no gradient reaches the memory."""
+        q = F.normalize(features.to(self.centroids.dtype), dim=1)
+        return q @ self.centroids.t() / self.temperature
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of rows ``features`` (R, D) against their cluster ``labels`` (R,)."""
+        return F.cross_entropy(self.logits(features), labels.long())
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Move the centres of the labels in the batch towards its rows (R, D), in place."""
+        q = F.normalize(features.detach().to(self.centroids.dtype), dim=1)
+        labels = labels.detach().long().to(q.device)
+        if q.shape[0] == 0:
+            return
+        if self.mode == "hard":
+            self._update_hard(q, labels)
+        else:
+            self._update_sequential(q, labels)
+
+    def _move(self, rows: torch.Tensor, labels: torch.Tensor) -> None:
+        """c[y] <- normalize(m*c[y] + (1-m)*row) for distinct ``labels``."""
+        mixed = self.momentum * self.centroids[labels] + (1.0 - self.momentum) * rows
+        self.centroids[labels] = F.normalize(mixed, dim=1)
+
+    def _update_hard(self, q: torch.Tensor, labels: torch.Tensor) -> None:
+        # Similarity of each row to its own (current) centre; per label the argmin, first on ties.
+        sims = (q * self.centroids[labels]).sum(dim=1)
+        by_sim = torch.sort(sims, stable=True).indices
+        by_label = by_sim[torch.sort(labels[by_sim], stable=True).indices]  # label, then sim, then index
+        first = torch.ones(by_label.numel(), dtype=torch.bool, device=q.device)
+        first[1:] = labels[by_label[1:]] != labels[by_label[:-1]]
+        hardest = by_label[first]
+        self._move(q[hardest], labels[hardest])
+
+    def _update_sequential(self, q: torch.Tensor, labels: torch.Tensor) -> None:
+        order = torch.sort(labels, stable=True).indices  # rows grouped by label, batch order kept
+        sorted_labels = labels[order]
+        starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+        starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+        # The r-th occurrences of all labels touch distinct centres, so they can be applied together;
+        # r runs over at most Z*2 positions (occurrences of one label in the batch), not over rows.
+        positions = torch.arange(sorted_labels.numel(), device=q.device)
+        group_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=0).values
+        rank = positions - group_start
+        for r in range(int(rank.max()) + 1):
+            rows = order[rank == r]
+            self._move(q[rows], sorted_labels[rank == r])
+
+    def extra_repr(self) -> str:
+        return (f"clusters={self.num_clusters}, dim={self.centroids.shape[1]}, temperature={self.temperature}, "
+                f"momentum={self.momentum}, mode={self.mode!r}")
