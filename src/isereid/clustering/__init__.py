@@ -1,0 +1,11 @@
+"""Pseudo-labels: exact kNN, sparse k-reciprocal Jaccard distance and DBSCAN (ALGORITHM.md §4).
+
+The reference builds three dense N x N float32 matrices; this package keeps everything
+O(N * k) in memory and produces the same distances and the same DBSCAN partition.
+"""
+from .dbscan import jaccard_dbscan
+from .jaccard import jaccard_distance
+from .knn import exact_knn
+from .report import ClusteringReport, cluster_report
+
+__all__ = ["jaccard_distance", "jaccard_dbscan", "exact_knn", "cluster_report", "ClusteringReport"]

@@ -1,0 +1,89 @@
+"""DBSCAN on the sparse Jaccard graph, equal to DBSCAN on the dense matrix (ALGORITHM.md §4.3).
+
+The reference runs ``sklearn.cluster.DBSCAN(eps, min_samples, metric="precomputed")`` on the
+dense N x N float32 Jaccard matrix. Here the same estimator gets a sparse CSR graph instead:
+sklearn then treats only stored entries as neighbours, so the graph holds
+
+* every off-diagonal pair with ``dist <= eps`` (the same float32-array-vs-Python-float
+  comparison sklearn makes on the dense matrix; pairs above eps are dropped early), and
+* the whole diagonal with its true value (1.0 where the Jaccard matrix stores nothing), since
+  DBSCAN makes stored-or-implicit diagonals explicit and would otherwise count an implicit
+  diagonal as distance 0.
+
+Rows are sorted by distance beforehand so sklearn does not re-sort them row by row. When
+eps reaches 1.0 every pair is a neighbour in the dense case (Jaccard distances never exceed
+1), which the sparse graph cannot express; that case is answered directly.
+Memory: O(N * k) for the graph, on top of :func:`jaccard_distance`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.cluster import DBSCAN
+from sklearn.exceptions import EfficiencyWarning
+
+from ..errors import ConfigError
+from .jaccard import jaccard_upper, mirror
+from .knn import ArrayLike, as_features, check_positive_int
+
+
+def jaccard_dbscan(features: ArrayLike, eps: float, k1: int = 30, k2: int = 6, min_samples: int = 4, *,
+                   knn_backend: str = "torch") -> np.ndarray:
+    """Cluster features with DBSCAN on the k-reciprocal Jaccard distance.
+
+    Args:
+        features: (N, D) float32 array or tensor (any device), rows L2-normalised.
+        eps: DBSCAN radius (> 0); neighbours are pairs with distance <= eps.
+        k1, k2: Jaccard parameters, see :func:`jaccard_distance`.
+        min_samples: neighbours (the point itself included) that make a core point.
+        knn_backend: ``"torch"`` or ``"faiss"``.
+
+    Returns:
+        (N,) int64 labels: -1 for outliers, clusters numbered 0..C-1 in sklearn's order.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ConfigError(f"eps must be a finite number > 0, got {eps!r}")
+    eps = float(eps)  # a Python float, as the reference passes: sklearn then compares in float32
+    min_samples = check_positive_int(min_samples, "min_samples")
+    k1 = check_positive_int(k1, "k1")
+    k2 = check_positive_int(k2, "k2")
+    x = as_features(features)
+    n = x.shape[0]
+    if bool(np.asarray([1.0], dtype=np.float32) <= eps):
+        # Every dense distance is <= 1.0 <= eps: all points are mutual neighbours.
+        return np.full(n, 0 if n >= min_samples else -1, dtype=np.int64)
+    graph = eps_graph(mirror(jaccard_upper(x, k1, k2, knn_backend=knn_backend, eps=eps)), eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EfficiencyWarning)
+        labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)
+    return np.asarray(labels, dtype=np.int64)
+
+
+def eps_graph(dist: sp.csr_matrix, eps: float) -> sp.csr_matrix:
+    """The DBSCAN input: off-diagonal entries <= eps plus the full diagonal, rows sorted by value.
+
+    Args:
+        dist: (N, N) float32 CSR from :func:`jaccard_distance` (missing entries mean 1.0; a
+            missing diagonal becomes 1.0, which is equivalent for any diagonal above eps).
+        eps: the DBSCAN radius as a Python float.
+
+    Returns:
+        (N, N) float32 CSR graph whose stored entries are exactly the dense matrix's
+        neighbours within eps, plus the diagonal."""
+    n = dist.shape[0]
+    coo = dist.tocoo()
+    rows, cols, data = coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
+    on_diag = rows == cols
+    diag = np.ones(n, dtype=np.float32)
+    diag[rows[on_diag]] = data[on_diag]
+    keep = ~on_diag & (data <= eps)
+    rows = np.concatenate([rows[keep], np.arange(n)])
+    cols = np.concatenate([cols[keep], np.arange(n)])
+    data = np.concatenate([data[keep], diag]).astype(np.float32)
+    order = np.lexsort((cols, data, rows))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
+    return sp.csr_matrix((data[order], cols[order], indptr), shape=(n, n))

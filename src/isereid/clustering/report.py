@@ -1,0 +1,89 @@
+"""Summary of a pseudo-label partition: cluster counts, size histogram and, when the true
+identities are known, NMI / ARI / purity against them.
+
+NMI and ARI (sklearn.metrics) are computed over all points, each outlier (-1) counted as its
+own singleton cluster, so discarding images is penalised. Purity is the fraction of clustered
+(non-outlier) points whose true label is the majority label of their cluster (0.0 when no
+point is clustered).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from ..errors import ClusteringError
+
+
+@dataclass
+class ClusteringReport:
+    """Counts and quality scores of one clustering.
+
+    ``size_histogram`` maps power-of-two size buckets ("1", "2-3", "4-7", ...) to the number
+    of clusters in them, from "1" up to the bucket of the largest cluster."""
+
+    num_clusters: int
+    num_outliers: int
+    size_histogram: Dict[str, int]
+    nmi: Optional[float] = None
+    ari: Optional[float] = None
+    purity: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict with keys num_clusters, num_outliers, histogram, nmi, ari, purity."""
+        return {"num_clusters": self.num_clusters, "num_outliers": self.num_outliers,
+                "histogram": dict(self.size_histogram), "nmi": self.nmi, "ari": self.ari,
+                "purity": self.purity}
+
+
+def size_histogram(sizes: np.ndarray) -> Dict[str, int]:
+    """Cluster counts per power-of-two size bucket: {"1": a, "2-3": b, "4-7": c, ...}."""
+    hist: Dict[str, int] = {}
+    if sizes.size == 0:
+        return hist
+    top = int(sizes.max()).bit_length()
+    for b in range(top):
+        lo, hi = 1 << b, (1 << (b + 1)) - 1
+        name = str(lo) if lo == hi else f"{lo}-{hi}"
+        hist[name] = int(((sizes >= lo) & (sizes <= hi)).sum())
+    return hist
+
+
+def cluster_report(labels: np.ndarray, true_labels: Optional[np.ndarray] = None) -> ClusteringReport:
+    """Describe a clustering.
+
+    Args:
+        labels: (N,) integer cluster labels, -1 for outliers.
+        true_labels: optional (N,) ground-truth identities for NMI, ARI and purity.
+
+    Returns:
+        A :class:`ClusteringReport`; nmi, ari and purity are None without ``true_labels``."""
+    labels = np.asarray(labels).astype(np.int64, copy=False).ravel()
+    clustered = labels >= 0
+    sizes = np.bincount(labels[clustered]) if clustered.any() else np.zeros(0, np.int64)
+    sizes = sizes[sizes > 0]
+    report = ClusteringReport(num_clusters=int(sizes.size), num_outliers=int((~clustered).sum()),
+                              size_histogram=size_histogram(sizes))
+    if true_labels is None:
+        return report
+    truth = np.asarray(true_labels).ravel()
+    if truth.shape != labels.shape:
+        raise ClusteringError(f"true_labels has {truth.size} entries but labels has {labels.size}")
+    if labels.size == 0:
+        return report
+    singleton = labels.copy()
+    singleton[~clustered] = labels.max(initial=-1) + 1 + np.arange(int((~clustered).sum()))
+    report.nmi = float(normalized_mutual_info_score(truth, singleton))
+    report.ari = float(adjusted_rand_score(truth, singleton))
+    if clustered.any():
+        _, truth_ids = np.unique(truth[clustered], return_inverse=True)
+        pairs = np.unique(np.stack([labels[clustered], truth_ids.ravel()]), axis=1, return_counts=True)
+        cluster_of_pair, pair_counts = pairs[0][0], pairs[1]
+        majority = np.zeros(int(labels.max()) + 1, dtype=np.int64)
+        np.maximum.at(majority, cluster_of_pair, pair_counts)
+        report.purity = float(majority.sum() / clustered.sum())
+    else:
+        report.purity = 0.0
+    return report
