@@ -1,0 +1,25 @@
+"""The re-ID network (ResNet trunk, avg/GeM pooling, BN neck, L2 norm), ghost batch norm and
+checkpoint loading."""
+from __future__ import annotations
+
+from .backbones import build_backbone
+from .batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, convert_batchnorm
+from .checkpoint import extract_state_dict, infer_model_config, load_model, safe_load
+from .pooling import GeneralizedMeanPooling, build_pooling
+from .reid import ReidNet, build_model, trainable_parameters
+
+__all__ = [
+    "ReidNet",
+    "build_model",
+    "trainable_parameters",
+    "load_model",
+    "safe_load",
+    "convert_batchnorm",
+    "build_backbone",
+    "build_pooling",
+    "GeneralizedMeanPooling",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "extract_state_dict",
+    "infer_model_config",
+]

@@ -1,0 +1,130 @@
+"""torchvision ResNet backbones in the reference layout (ALGORITHM.md §2.1).
+
+``base = nn.Sequential(conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4)``: indices
+0 conv1, 1 bn1, 2 relu, 3 maxpool, 4-7 the four stages, so state-dict keys read
+``base.0.weight``, ``base.4.0.conv1.weight``, ... exactly as in ISE / Cluster Contrast
+checkpoints. With ``last_stride=1`` the stride of the first block of layer4 is removed
+(256x128 input -> 16x8 map).
+"""
+from __future__ import annotations
+
+import socket
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from ..errors import CheckpointError, ConfigError
+
+# arch -> (block, blocks per stage, groups, width_per_group), as torchvision builds them.
+ARCHS = {
+    "resnet18": ("basic", (2, 2, 2, 2), 1, 64),
+    "resnet34": ("basic", (3, 4, 6, 3), 1, 64),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
+    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
+    "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3), 32, 8),
+    "resnext101_64x4d": ("bottleneck", (3, 4, 23, 3), 64, 4),
+    "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 1, 128),
+    "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3), 1, 128),
+}
+
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def _imagenet_state_dict(arch: str) -> dict:
+    """torchvision's IMAGENET1K_V1 weights (the ones the reference used), downloaded or cached."""
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    previous = socket.getdefaulttimeout()
+    if previous is None:  # torch.hub opens the URL without a timeout: do not hang offline
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # URLError, HTTPError, timeouts, hash mismatch, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot download ImageNet weights for {arch} ({reason}); "
+            "set model.pretrained_path=FILE or model.pretrained=false"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def load_backbone_file(path: str | Path) -> dict:
+    """A local torchvision-layout state dict: plain, or under ``state_dict`` / ``model``;
+    ``module.`` prefixes are stripped and ``fc.*`` keys dropped."""
+    from .checkpoint import safe_load
+
+    obj = safe_load(path, map_location="cpu")
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a state dict of backbone weights")
+    state = OrderedDict()
+    for k, v in obj.items():
+        k = k[len("module."):] if k.startswith("module.") else k
+        if not k.startswith("fc."):
+            state[k] = v
+    return state
+
+
+def _load_strict(net: nn.Module, state: dict, arch: str, source: str) -> None:
+    expected = net.state_dict()
+    missing = [k for k in expected if not k.startswith("fc.") and k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if keys:
+                parts.append(f"{label} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''} ({len(keys)})")
+        raise CheckpointError(f"{source} does not match torchvision {arch}: {'; '.join(parts)}")
+    net.load_state_dict(state, strict=False)
+
+
+def set_last_stride(layer4: nn.Sequential, stride: int) -> None:
+    """Set the stride of the first layer4 block (3x3 conv for Bottleneck v1.5, first conv for
+    BasicBlock) and of its downsample conv."""
+    block = layer4[0]
+    conv = block.conv2 if isinstance(block, Bottleneck) else block.conv1
+    conv.stride = (stride, stride)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
+
+
+def build_backbone(arch: str, pretrained: bool, pretrained_path: Optional[str] = None,
+                   last_stride: int = 1) -> tuple[nn.Sequential, int]:
+    """``(base, num_features)``: the ResNet trunk as ``Sequential(conv1, bn1, relu, maxpool,
+    layer1..layer4)`` and its output channels (2048 for bottleneck nets, 512 for resnet18/34).
+
+    ``pretrained_path`` (a local torchvision state dict) takes precedence over ``pretrained``
+    (torchvision IMAGENET1K_V1 weights, downloaded only then; failure -> ConfigError).
+    """
+    _check_arch(arch)
+    if last_stride not in (1, 2):
+        raise ConfigError(f"model.last_stride must be 1 or 2 (got {last_stride})")
+    net = torchvision.models.get_model(arch, weights=None)
+    if pretrained_path:
+        _load_strict(net, load_backbone_file(pretrained_path), arch, str(pretrained_path))
+    elif pretrained:
+        _load_strict(net, _imagenet_state_dict(arch), arch, f"torchvision {arch} ImageNet weights")
+    set_last_stride(net.layer4, last_stride)
+    block = net.layer4[-1]
+    assert isinstance(block, (BasicBlock, Bottleneck))
+    num_features = block.bn3.num_features if isinstance(block, Bottleneck) else block.bn2.num_features
+    base = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return base, int(num_features)
