@@ -153,8 +153,9 @@ def test_plot(trained_run, tmp_path):
 ])
 def test_bad_input_is_one_line_error(argv, needle, capsys):
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in err
 
 
 def test_not_a_checkpoint(tmp_path, demo_root, capsys):

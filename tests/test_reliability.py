@@ -13,15 +13,17 @@ import torch
 
 from isereid.cli import main
 
-EPOCHS = 3
+EPOCHS = 2
+# tiny images keep each of the 8 subprocess runs short; the kill/resume logic does not depend on size
 ARGS = ["--config", "demo", f"optim.epochs={EPOCHS}", "optim.iters=3", "eval.every=1", "data.workers=0",
-        "train.progress=false", "train.tensorboard=false", "data.batch_size=32", "model.bn_chunk=16"]
+        "train.progress=false", "train.tensorboard=false", "data.batch_size=32", "model.bn_chunk=16",
+        "data.height=32", "data.width=16", "data.pad=2"]
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_kill")
-    assert main(["demo-data", str(root), "--identities", "40", "--seed", "5"]) == 0
+    assert main(["demo-data", str(root), "--identities", "24", "--seed", "5"]) == 0
     return root
 
 
@@ -47,7 +49,7 @@ def _check_complete_run(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("failpoint", [
-    "iteration:5",  # epoch 2, second iteration (3 per epoch)
+    "iteration:5",  # epoch 2, second iteration (3 per epoch), after epoch 1's checkpoint
     "clustering:2",  # start of epoch 2's clustering
     "checkpoint_write:2",  # halfway through writing epoch 1's checkpoint_last.pt (write 1 is config.yaml)
     "checkpoint_write:3",  # halfway through writing epoch 1's model_best.pt
@@ -58,8 +60,10 @@ def test_sigkill_then_same_command_resumes(small_demo, tmp_path, failpoint):
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     if (out / "checkpoint_last.pt").exists():  # whatever is there is complete and loadable
         state = torch.load(out / "checkpoint_last.pt", weights_only=True)
-        done = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert done == list(range(1, state["epoch"] + 1))
+        metrics = out / "metrics.jsonl"
+        done = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        # metrics.jsonl is written right after the checkpoint: it is complete, at most one epoch behind
+        assert done == list(range(1, len(done) + 1)) and state["epoch"] - len(done) in (0, 1)
     resumed = _train(small_demo, out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _check_complete_run(out)

@@ -151,17 +151,18 @@ def cmd_test(args: argparse.Namespace) -> int:
     from .data.datasets import build_dataset
     from .evaluation.evaluator import evaluate_model
     from .models import build_model, load_model
-    from .utils import atomic_write_json
+    from .utils import atomic_write_json, seed_everything
 
     cfg = _load_cfg(args)
     device = _device(cfg)
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root)
     if args.checkpoint:
         model = load_model(args.checkpoint, map_location="cpu")
     else:
         log.info("no --checkpoint: evaluating the configured backbone %s as is (direct transfer)", cfg.model.arch)
+        seed_everything(cfg.seed)  # a random-init backbone is the same on every call
         model = build_model(cfg.model)
     model = model.to(device).eval()
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root)
     evaluation = evaluate_model(model, dataset, cfg, device, progress=cfg.train.progress)
     metrics = evaluation.result.to_dict()
     log.info("%s on %s: mAP %.1f%%  rank-1 %.1f%%  rank-5 %.1f%%  rank-10 %.1f%%  (%d valid queries)",
@@ -387,7 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except IsereidError as e:
         if args.debug:
             raise
-        print(f"isereid {args.command}: error: {e}", file=sys.stderr)
+        print(f"isereid {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"isereid {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
@@ -398,6 +399,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"isereid {args.command}: error: out of GPU memory ({str(e).splitlines()[0][:120]}); "
               "lower data.batch_size / data.test_batch_size or enable train.amp=true", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (a DataLoader worker wraps it in its traceback)."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    if lines[0].startswith("Caught ") and len(lines) > 1:  # "Caught X in DataLoader worker process N."
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
 
 
 def _oom_error() -> type:

@@ -91,7 +91,7 @@ def _random_identity(rng: np.random.Generator) -> Identity:
         top2 = 255.0 - top
     return Identity(
         height=float(rng.uniform(0.88, 1.04)),
-        build=float(rng.uniform(0.095, 0.15)),
+        build=float(rng.uniform(0.15, 0.22)),
         head=float(rng.uniform(0.055, 0.072)),
         torso=float(rng.uniform(0.27, 0.35)),
         skin=skin,
@@ -137,7 +137,7 @@ def _random_camera(rng: np.random.Generator, height: int, width: int) -> Camera:
     yy = np.arange(h2, dtype=np.float32)[:, None, None] / h2
     base = np.where(yy < horizon * 0.5 + 0.25, wall, floor) * np.ones((1, w2, 1), np.float32)
     blotches = _smooth_noise(rng, (h2, w2), (int(rng.integers(3, 9)), int(rng.integers(3, 9))))
-    base = base * (0.75 + 0.5 * blotches[..., None])
+    base = base * (0.85 + 0.3 * blotches[..., None])
     kind = rng.integers(3)
     xx = np.arange(w2, dtype=np.float32)[None, :]
     if kind == 1:  # vertical structures (doors, pillars)
@@ -152,11 +152,11 @@ def _random_camera(rng: np.random.Generator, height: int, width: int) -> Camera:
     views = rng.dirichlet([0.7, 0.7, 0.7])
     return Camera(
         background=np.clip(base, 0, 255).astype(np.float32),
-        gain=float(rng.uniform(0.7, 1.25)),
-        tint=rng.uniform(0.87, 1.13, size=3).astype(np.float32),
+        gain=float(rng.uniform(0.8, 1.15)),
+        tint=rng.uniform(0.92, 1.08, size=3).astype(np.float32),
         blur=float(rng.uniform(0.0, 1.1)),
         noise=float(rng.uniform(1.0, 6.0)),
-        scale=float(rng.uniform(0.74, 0.92)),
+        scale=float(rng.uniform(0.85, 0.97)),
         views=views,
         horizon=horizon,
     )

@@ -264,7 +264,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, record: dict) -> None:
-        """checkpoint_last.pt, then model_best.pt when improved, then metrics.jsonl — all atomic.
+        """checkpoint_last.pt, then metrics.jsonl, then model_best.pt when improved — all atomic.
+        A kill between the writes is repaired on resume (metrics are rewritten from the
+        checkpoint's history, a stale best file is rewritten).
         Only rank 0 writes; the other ranks wait."""
         score = record.get("mAP")
         is_best = score is not None and score > self.best_score
@@ -292,9 +294,9 @@ class Trainer:
                 "world_size": self.ctx.world_size,
             })
             ckpt.save(self.out / ckpt.LAST, payload)
+            self._write_metrics()
             if is_best:
                 ckpt.save(self.out / ckpt.BEST, ckpt.model_payload(state, model_config, epoch + 1, score, size))
-            self._write_metrics()
         self.ctx.barrier()
 
     def _write_metrics(self) -> None:
