@@ -11,43 +11,70 @@ from PIL import Image
 
 from isereid.cli import main
 
-# A small, fast variant of the demo preset shared by the tool tests.
-FAST = ["optim.epochs=2", "optim.iters=4", "eval.every=1", "data.workers=0", "train.progress=false",
-        "train.tensorboard=false", "data.batch_size=32", "model.bn_chunk=16"]
+# The one training run of this module is the demo preset itself, shortened from 8 to 6 epochs
+# to fit CI, on the default demo dataset. Every tool test below reuses it.
+DEMO_EPOCHS = 6
+RUN = ["--config", "demo", f"optim.epochs={DEMO_EPOCHS}", "eval.every=3", "train.progress=false",
+       "train.tensorboard=false"]
 
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    assert main(["demo-data", str(root), "--identities", "60", "--seed", "3"]) == 0
+    assert main(["demo-data", str(root), "--seed", "3"]) == 0  # default size: 100 + 100 identities
     return root
 
 
 @pytest.fixture(scope="session")
 def trained_run(demo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--config", "demo", "--data-root", str(demo_root), "--output-dir", str(out), *FAST]) == 0
+    assert main(["train", "--data-root", str(demo_root), "--output-dir", str(out), *RUN]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def random_init_map(demo_root, tmp_path_factory):
+    """mAP of the demo preset's randomly initialised network (direct transfer, seeded)."""
+    out = tmp_path_factory.mktemp("random") / "m.json"
+    assert main(["test", "--config", "demo", "--data-root", str(demo_root), "--json", str(out),
+                 "train.progress=false"]) == 0
+    return json.loads(out.read_text())["mAP"]
 
 
 def test_train_writes_run_folder(trained_run):
     for name in ("config.yaml", "metrics.jsonl", "checkpoint_last.pt", "model_best.pt", "curves.png", "train.log"):
         assert (trained_run / name).is_file(), name
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["epoch"] for r in records] == list(range(1, DEMO_EPOCHS + 1))
     for r in records:
-        for key in ("num_clusters", "num_outliers", "loss", "loss_cc", "loss_lp", "lr", "seconds", "mAP", "rank1"):
+        for key in ("num_clusters", "num_outliers", "loss", "loss_cc", "loss_lp", "lr", "seconds"):
             assert key in r, key
-        assert r["num_clusters"] >= 2 and 0 <= r["mAP"] <= 1 and np.isfinite(r["loss"])
-        assert 0 <= r["cluster"]["nmi"] <= 1
+        assert r["num_clusters"] >= 2 and np.isfinite(r["loss"])
+        assert 0 <= r["cluster"]["nmi"] <= 1 and 0 <= r["cluster"]["purity"] <= 1
+        assert ("mAP" in r) == (r["epoch"] % 3 == 0)
     # no leftover temporary files from atomic writes
     assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_demo_training_learns(trained_run, random_init_map):
+    """The demo run must clearly beat its own starting point.
+
+    On this demo dataset (seed 3: 100 test identities, ~1,700 gallery images) the seeded
+    random ResNet-18 scores 7.8% mAP (clothing colours survive a random network); chance
+    (random ranking) is about 1%. Measured on 2 CPU cores the 6-epoch run reaches 12.4% after
+    3 epochs and 14.4% after 6 (the full 8-epoch preset keeps climbing). Requiring +4 points
+    and 1.4x the random-init mAP leaves room for run-to-run variation while failing any run
+    that does not learn (a broken loss, memory or sampler stays at or below the start).
+    """
+    scored = [json.loads(line)["mAP"] for line in (trained_run / "metrics.jsonl").read_text().splitlines()
+              if "mAP" in json.loads(line)]
+    best = max(scored)
+    assert best >= 1.4 * random_init_map and best >= random_init_map + 0.04, (random_init_map, scored)
+
+
 def test_rerun_of_finished_run_resumes_and_changes_nothing(trained_run, demo_root):
     before = (trained_run / "metrics.jsonl").read_text()
-    assert main(["train", "--config", "demo", "--data-root", str(demo_root), "--output-dir", str(trained_run),
-                 *FAST]) == 0
+    assert main(["train", "--data-root", str(demo_root), "--output-dir", str(trained_run), *RUN]) == 0
     assert (trained_run / "metrics.jsonl").read_text() == before
 
 
@@ -74,11 +101,8 @@ def _assert_picture(path, rows=None):
     return im
 
 
-def test_direct_transfer_without_checkpoint(demo_root, tmp_path):
-    out = tmp_path / "m.json"
-    assert main(["test", "--config", "demo", "--data-root", str(demo_root), "--json", str(out),
-                 "train.progress=false", "data.workers=0"]) == 0
-    assert 0 <= json.loads(out.read_text())["mAP"] <= 1
+def test_direct_transfer_without_checkpoint(random_init_map):
+    assert 0 < random_init_map < 0.5
 
 
 def test_extract(trained_run, demo_root, tmp_path):

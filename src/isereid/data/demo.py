@@ -50,6 +50,12 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
 
 
+def _muted(colour: np.ndarray, keep: float = 0.35) -> np.ndarray:
+    """``colour`` pulled towards its grey level, keeping ``keep`` of its saturation."""
+    grey = colour.mean()
+    return grey + keep * (colour - grey)
+
+
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
     kind = rng.random()
     if kind < 0.22:  # greys, black, white
@@ -132,7 +138,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: tuple
 
 def _random_camera(rng: np.random.Generator, height: int, width: int) -> Camera:
     h2, w2 = 2 * height, 2 * width
-    wall, floor = _random_colour(rng) * 0.6 + 60, _random_colour(rng) * 0.5 + 50
+    # Muted, low-saturation scenery: the camera changes the look of a person without the
+    # background dominating the crop (a random network would otherwise group by camera).
+    wall, floor = _muted(_random_colour(rng) * 0.6 + 60), _muted(_random_colour(rng) * 0.5 + 50)
     horizon = float(rng.uniform(0.55, 0.8))
     yy = np.arange(h2, dtype=np.float32)[:, None, None] / h2
     base = np.where(yy < horizon * 0.5 + 0.25, wall, floor) * np.ones((1, w2, 1), np.float32)
