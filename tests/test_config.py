@@ -100,3 +100,10 @@ def test_random_keys_never_crash(key):
         load_config("demo", [f"{key}=1"])
     except ConfigError as e:
         assert "\n" not in str(e)
+
+
+def test_preset_name_wins_over_same_named_folder(tmp_path, monkeypatch):
+    """`isereid demo-data demo && isereid train --config demo` in one folder must work."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert load_config("demo").name == "demo"

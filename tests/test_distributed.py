@@ -114,16 +114,18 @@ def test_two_process_demo_run_is_killed_and_resumes(tmp_path):
     from isereid.cli import main
 
     root = tmp_path / "demo"
-    assert main(["demo-data", str(root), "--identities", "30", "--seed", "4"]) == 0
+    assert main(["demo-data", str(root), "--identities", "40", "--seed", "5"]) == 0
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "isereid", "train", "--nproc", "2", "--config", "demo", "--data-root", str(root),
            "--output-dir", str(out), "optim.epochs=2", "optim.iters=3", "eval.every=1", "data.workers=0",
-           "train.progress=false", "train.tensorboard=false", "data.batch_size=32", "model.bn_chunk=16"]
+           "train.progress=false", "train.tensorboard=false", "data.batch_size=32", "model.bn_chunk=16",
+           "cluster.eps=0.5"]
     env = dict(os.environ, OMP_NUM_THREADS="1", ISEREID_FAILPOINT="iteration:5")
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode != 0, killed.stderr[-2000:]
     assert "SIGKILL" in killed.stderr or "Signals.SIGKILL" in killed.stderr or killed.returncode == -signal.SIGKILL \
         or killed.returncode == 1, killed.stderr[-2000:]
+    assert (out / "metrics.jsonl").is_file(), killed.stderr[-3000:]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1]
     env.pop("ISEREID_FAILPOINT")

@@ -17,13 +17,13 @@ EPOCHS = 2
 # tiny images keep each of the 8 subprocess runs short; the kill/resume logic does not depend on size
 ARGS = ["--config", "demo", f"optim.epochs={EPOCHS}", "optim.iters=3", "eval.every=1", "data.workers=0",
         "train.progress=false", "train.tensorboard=false", "data.batch_size=32", "model.bn_chunk=16",
-        "data.height=32", "data.width=16", "data.pad=2"]
+        "data.height=32", "data.width=16", "data.pad=2", "cluster.eps=0.5"]
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_kill")
-    assert main(["demo-data", str(root), "--identities", "24", "--seed", "5"]) == 0
+    assert main(["demo-data", str(root), "--identities", "40", "--seed", "5"]) == 0
     return root
 
 
@@ -52,7 +52,7 @@ def _check_complete_run(out):
     "iteration:5",  # epoch 2, second iteration (3 per epoch), after epoch 1's checkpoint
     "clustering:2",  # start of epoch 2's clustering
     "checkpoint_write:2",  # halfway through writing epoch 1's checkpoint_last.pt (write 1 is config.yaml)
-    "checkpoint_write:3",  # halfway through writing epoch 1's model_best.pt
+    "checkpoint_write:4",  # halfway through writing epoch 1's model_best.pt (write 3 is metrics.jsonl)
 ])
 def test_sigkill_then_same_command_resumes(small_demo, tmp_path, failpoint):
     out = tmp_path / "run"

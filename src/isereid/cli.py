@@ -149,12 +149,15 @@ def _relaunch_with_torchrun(nproc: int) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     from .data.datasets import build_dataset
+    from .errors import CheckpointError
     from .evaluation.evaluator import evaluate_model
     from .models import build_model, load_model
     from .utils import atomic_write_json, seed_everything
 
     cfg = _load_cfg(args)
     device = _device(cfg)
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
     dataset = build_dataset(cfg.data.dataset, cfg.data.root)
     if args.checkpoint:
         model = load_model(args.checkpoint, map_location="cpu")

@@ -150,7 +150,8 @@ def preset_names() -> list[str]:
 
 def _read_yaml(name_or_path: str) -> Any:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A preset name wins over a same-named folder (e.g. the `demo` dataset folder).
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"config file not found: {name_or_path}")
         text = path.read_text()

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -70,7 +71,9 @@ class Trainer:
         self.net: torch.nn.Module = self.model
         if dist_ctx.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=True)
+            with warnings.catch_warnings():  # newer torch renames it; the meaning (sync from rank 0) is what we need
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.net = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=True)
         self.optimizer = torch.optim.Adam(trainable_parameters(self.model), lr=cfg.optim.lr,
                                           weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.optim.step_size,
