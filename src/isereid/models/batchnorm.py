@@ -42,7 +42,21 @@ BN_MODES = ("chunk", "sync", "plain")
 
 
 class _GhostMixin:
+    """Ghost-BN behaviour shared by the 1d and 2d classes (placed before the torch BN class)."""
+
     chunk: int
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, chunk: int = 64, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,  # type: ignore[call-arg]
+                         device=device, dtype=dtype)
+        self.chunk = _check_chunk(chunk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._ghost_forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk={self.chunk}"  # type: ignore[misc]
 
     def _ghost_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
@@ -64,31 +78,9 @@ class _GhostMixin:
 class GhostBatchNorm1d(_GhostMixin, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` normalising consecutive chunks of ``chunk`` samples separately in train mode."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, chunk: int = 64, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.chunk = _check_chunk(chunk)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ghost_forward(x)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", chunk={self.chunk}"
-
 
 class GhostBatchNorm2d(_GhostMixin, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` normalising consecutive chunks of ``chunk`` samples separately in train mode."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, chunk: int = 64, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.chunk = _check_chunk(chunk)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._ghost_forward(x)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", chunk={self.chunk}"
 
 
 def _check_chunk(chunk: int) -> int:
