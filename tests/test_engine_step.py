@@ -35,10 +35,10 @@ def hand_written_step(feats, labels, centroids, weight, lp_weight, temp=0.05, lp
     lp = 0.0
     for b in range(B):
         e = [torch.exp(feats[b] @ supports[j] / lp_temp) for j in range(B)]
-        pos = min((e[j] for j in range(B) if labels[j] == labels[b]), key=float)
+        pos = min((e[j] for j in range(B) if labels[j] == labels[b]), key=lambda t: float(t.detach()))
         neg = 0.0
         for other in sorted({int(x) for x in labels} - {int(labels[b])}):
-            neg = neg + max((e[j] for j in range(B) if int(labels[j]) == other), key=float)
+            neg = neg + max((e[j] for j in range(B) if int(labels[j]) == other), key=lambda t: float(t.detach()))
         lp = lp - torch.log(pos / (pos + neg + 1e-6) + 1e-6)
     lp = lp / B
     total = cc + lp_weight * lp
