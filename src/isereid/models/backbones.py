@@ -9,7 +9,6 @@ checkpoints. With ``last_stride=1`` the stride of the first block of layer4 is r
 from __future__ import annotations
 
 import socket
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -61,39 +60,23 @@ def _imagenet_state_dict(arch: str) -> dict:
 
 
 def load_backbone_file(path: str | Path) -> dict:
-    """A local torchvision-layout state dict: plain, or under ``state_dict`` / ``model``;
-    ``module.`` prefixes are stripped and ``fc.*`` keys dropped."""
-    from .checkpoint import safe_load
+    """A local torchvision-layout state dict: plain, or under ``state_dict`` / ``model``, with
+    ``module.`` prefixes stripped (:func:`~isereid.models.checkpoint.extract_state_dict`)."""
+    from .checkpoint import extract_state_dict, safe_load
 
-    obj = safe_load(path, map_location="cpu")
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} is not a state dict of backbone weights")
-    state = OrderedDict()
-    for k, v in obj.items():
-        k = k[len("module."):] if k.startswith("module.") else k
-        if not k.startswith("fc."):
-            state[k] = v
-    return state
+    try:
+        return extract_state_dict(safe_load(path, map_location="cpu"))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} is not a state dict of backbone weights: {e}") from None
 
 
-def _load_strict(net: nn.Module, state: dict, arch: str, source: str) -> None:
-    expected = net.state_dict()
-    missing = [k for k in expected if not k.startswith("fc.") and k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-              for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if keys:
-                parts.append(f"{label} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''} ({len(keys)})")
-        raise CheckpointError(f"{source} does not match torchvision {arch}: {'; '.join(parts)}")
-    net.load_state_dict(state, strict=False)
+def _load_trunk(net: nn.Module, state: dict, arch: str, source: str) -> None:
+    """Strictly load everything but the classifier ``fc`` (unused by the re-ID model)."""
+    from .checkpoint import load_state_strict
+
+    net.fc = nn.Identity()
+    trunk = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_state_strict(net, trunk, source, f"torchvision {arch}")
 
 
 def set_last_stride(layer4: nn.Sequential, stride: int) -> None:
@@ -119,9 +102,9 @@ def build_backbone(arch: str, pretrained: bool, pretrained_path: Optional[str] =
         raise ConfigError(f"model.last_stride must be 1 or 2 (got {last_stride})")
     net = torchvision.models.get_model(arch, weights=None)
     if pretrained_path:
-        _load_strict(net, load_backbone_file(pretrained_path), arch, str(pretrained_path))
+        _load_trunk(net, load_backbone_file(pretrained_path), arch, str(pretrained_path))
     elif pretrained:
-        _load_strict(net, _imagenet_state_dict(arch), arch, f"torchvision {arch} ImageNet weights")
+        _load_trunk(net, _imagenet_state_dict(arch), arch, f"torchvision {arch} ImageNet weights")
     set_last_stride(net.layer4, last_stride)
     block = net.layer4[-1]
     assert isinstance(block, (BasicBlock, Bottleneck))
