@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..errors import DatasetError
+from ..utils import atomic_write_text
 
 MARKER = "demo.json"
 FORMAT_VERSION = 1
@@ -494,6 +495,6 @@ def generate_demo_data(root, identities: int = 200, cameras: int = 6, seed: int 
         "image_size": f"{height}x{width}",
         "megabytes": round(size / 1e6, 2),
     }
-    (root / MARKER).write_text(json.dumps({"parameters": params, "summary": summary}, indent=2) + "\n")
+    atomic_write_text(root / MARKER, json.dumps({"parameters": params, "summary": summary}, indent=2) + "\n")
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return summary
