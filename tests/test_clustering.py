@@ -16,6 +16,7 @@ import torch
 from sklearn.cluster import DBSCAN
 
 from isereid.clustering import ClusteringReport, cluster_report, exact_knn, jaccard_dbscan, jaccard_distance
+from isereid.clustering import jaccard as jaccard_module
 from isereid.errors import ConfigError, IsereidError
 
 
@@ -183,13 +184,98 @@ def test_single_point():
 
 
 # ----------------------------------------------------------------------------------------------
+# The min-sum step on a given V' (bit-exact against the reference's float32 loop)
+# ----------------------------------------------------------------------------------------------
+def random_v(n: int, per_row: int, seed: int) -> "sp.csr_matrix":
+    """A V'-like sparse matrix: rows of positive float32 weights summing to about 1, self
+    included, neighbours drawn from a few groups so that rows overlap."""
+    import scipy.sparse as sp
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, max(1, n // 12), n)
+    rows, cols = [], []
+    for i in range(n):
+        mates = np.flatnonzero(group == group[i])
+        pick = np.unique(np.concatenate([[i], rng.choice(mates, min(per_row, len(mates))),
+                                         rng.integers(0, n, 2)]))
+        rows += [i] * len(pick)
+        cols += pick.tolist()
+    w = rng.gamma(0.7, size=len(rows)).astype(np.float32) + np.float32(1e-3)
+    v = sp.csr_matrix((w, (rows, cols)), shape=(n, n))
+    v = sp.diags(1.0 / np.asarray(v.sum(axis=1)).ravel()).astype(np.float32) @ v
+    v = v.astype(np.float32).tocsr()
+    v.sort_indices()
+    return v
+
+
+def oracle_min_sum_distance(v) -> np.ndarray:
+    """The reference's loop on a dense V': float32 sums over the columns of row i in order."""
+    dense = v.toarray()
+    n = len(dense)
+    out = np.ones((n, n), dtype=np.float32)
+    for i in range(n):
+        m = np.zeros(n, dtype=np.float32)
+        for col in np.flatnonzero(dense[i]):
+            others = np.flatnonzero(dense[:, col])
+            m[others] += np.minimum(dense[i, col], dense[others, col])
+        out[i] = np.maximum(1 - m / (2 - m), 0)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_min_sum_step_is_bit_exact(seed, monkeypatch):
+    """Sums in the reference's order and precision: equal to the last bit, also when the
+    rows are split into many chunks that run on several threads."""
+    v = random_v(150, per_row=9, seed=seed)
+    expected = np.triu(oracle_min_sum_distance(v))
+    expected[np.tril_indices(len(expected), -1)] = 1.0
+    for budget in (jaccard_module._SCRATCH_ELEMENTS, 97):
+        monkeypatch.setattr(jaccard_module, "_SCRATCH_ELEMENTS", budget)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+        upper = jaccard_module._jaccard_upper(v)
+        assert upper.has_sorted_indices and np.all(upper.data < 1)
+        np.testing.assert_array_equal(densify(upper), expected)
+
+
+def test_within_eps_equals_thresholded_distances(monkeypatch):
+    """The bounded search for dist <= eps returns exactly the pairs of the full computation,
+    at eps equal to stored distances and one float32 step either side; pairs are decided by
+    the bounds and by exact sums (both paths run)."""
+    v = random_v(150, per_row=9, seed=2)
+    full = jaccard_module._jaccard_upper(v)
+    exact_calls = []
+    original = jaccard_module._exact_min_sums
+
+    def spy(v_, rows, cols):
+        exact_calls.append(len(rows))
+        return original(v_, rows, cols)
+    monkeypatch.setattr(jaccard_module, "_exact_min_sums", spy)
+    values = np.unique(full.data[(full.data > 0.05) & (full.data < 0.95)])
+    assert len(values) > 50
+    decided_by_bounds = decided_exactly = 0
+    for base in values[::len(values) // 12]:
+        for eps in (base, np.nextafter(base, np.float32(0)), np.nextafter(base, np.float32(1))):
+            exact_calls.clear()
+            within = jaccard_module._jaccard_upper_within(v, float(eps))
+            expected = full.copy()
+            expected.data = (expected.data <= float(eps)).astype(np.float32)
+            expected.eliminate_zeros()
+            assert within.has_sorted_indices and np.all(within.data <= float(eps))
+            pattern = within.copy()
+            pattern.data[:] = 1.0
+            assert (pattern != expected).nnz == 0
+            decided_by_bounds += within.nnz - sum(exact_calls)
+            decided_exactly += sum(exact_calls)
+    assert decided_by_bounds > 0 and decided_exactly > 0
+
+
+# ----------------------------------------------------------------------------------------------
 # kNN
 # ----------------------------------------------------------------------------------------------
 def test_exact_knn_matches_stable_argsort():
     x = with_duplicates()
     dist = (np.float32(2.0) - np.float32(2.0) * (x @ x.T)).astype(np.float32)
     expected = np.argsort(dist, axis=1, kind="stable")[:, :12]
-    d, idx = exact_knn(x, 12, chunk_size=7)
+    d, idx = exact_knn(x, 12, block_size=7)
     assert idx.dtype == np.int64 and d.dtype == np.float32 and idx.shape == (len(x), 12)
     np.testing.assert_array_equal(idx, expected)
     np.testing.assert_allclose(d, np.take_along_axis(dist, expected, 1), atol=1e-6)
@@ -201,9 +287,36 @@ def test_exact_knn_ties_straddling_k(k):
     """Five copies of each row: ties at the k-th position resolve by the smaller index."""
     x = np.tile(noise(4, dim=6, seed=9), (5, 1))[np.random.default_rng(0).permutation(20)]
     dist = (np.float32(2.0) - np.float32(2.0) * (x @ x.T)).astype(np.float32)
-    d, idx = exact_knn(torch.from_numpy(x), k, chunk_size=6)
+    d, idx = exact_knn(torch.from_numpy(x), k, block_size=6)
     expected = np.argsort(dist, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(idx, expected)
+
+
+@pytest.mark.parametrize("copies, k", [(4, 12), (1, 9), (30, 7)])
+def test_exact_knn_copies_across_blocks(copies, k):
+    """Exact copies get identical distances wherever their blocks are, ties go to the
+    smaller index, and k may exceed the number of distinct rows."""
+    base = noise(5, dim=24, seed=11)
+    x = np.tile(base, (copies, 1))[np.random.default_rng(1).permutation(5 * copies)]
+    dist = (np.float32(2.0) - np.float32(2.0) * (x @ x.T)).astype(np.float32)
+    group = np.unique(x, axis=0, return_inverse=True)[1].ravel()
+    canonical = dist[np.arange(len(x))[:, None], np.argmax(group[None, :] == group[:, None], axis=1)[None, :]]
+    expected = np.argsort(canonical, axis=1, kind="stable")[:, :k]
+    for block_size in (3, 4, 2048):
+        d, idx = exact_knn(x, k, block_size=block_size)
+        np.testing.assert_array_equal(idx, expected)
+        assert np.all(np.diff(d, axis=1) >= 0)
+        same = group[idx] == group[idx[:, :1]]
+        np.testing.assert_array_equal(d[same], np.broadcast_to(d[:, :1], d.shape)[same])
+
+
+def test_exact_knn_blocks_agree_with_one_block():
+    x = blobs(300, dim=40, centres=9, spread=0.3, seed=12)
+    d1, i1 = exact_knn(x, 25, block_size=4096)
+    for block_size in (7, 64, 299):
+        d, idx = exact_knn(torch.from_numpy(x), 25, block_size=block_size)
+        np.testing.assert_array_equal(idx, i1)
+        np.testing.assert_allclose(d, d1, atol=1e-6, rtol=0)
 
 
 def test_faiss_backend_missing_is_a_config_error():
@@ -219,6 +332,7 @@ def test_faiss_backend_missing_is_a_config_error():
 @pytest.mark.parametrize("bad, message", [
     (dict(features=np.zeros(5, np.float32)), "2-D"),
     (dict(features=np.full((4, 3), np.nan, np.float32)), "NaN"),
+    (dict(features=np.array([[1.0, 0.0], [np.inf, 0.0]], np.float32)), "infinite"),
     (dict(k1=0), "k1"),
     (dict(k2=0), "k2"),
     (dict(eps=0.0), "eps"),

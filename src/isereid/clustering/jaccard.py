@@ -1,28 +1,33 @@
 """Sparse k-reciprocal Jaccard distance (ALGORITHM.md §4.2), equal to the dense reference.
 
-Steps, all vectorised over (N, k) index arrays (k = min(k1, N)):
+Steps, all vectorised (loops run over chunks of rows, never over samples), k = min(k1, N):
 
 1. R0 = exact top-k neighbours including self (:func:`exact_knn`); only k columns exist, so
    the reference's "k1 + 1" slices really hold k1 entries (parity trap 1).
 2. kr(i, m): the members j of R0[i, :m+1] whose own row R0[j, :m+1] contains i, in R0 order.
    R(i) = kr(i, k1), Rh(i) = kr(i, round(k1 / 2)).
 3. Expansion: E(i) = sorted unique of R(i) and every Rh(c), c in R(i) (i included), with
-   |Rh(c) ∩ R(i)| > 2/3 |Rh(c)| (strict).
-4. V[i, E(i)] = softmax(-(2 - 2<x_i, x_j>)) in float32, a CSR matrix.
+   |Rh(c) ∩ R(i)| > 2/3 |Rh(c)| (strict); the counts come from one sparse product R @ Rh^T.
+4. V[i, E(i)] = softmax(-(2 - 2<x_i, x_j>)) in float32, a CSR matrix; distances not known
+   from the kNN come from a sampled matrix product on the features' device.
 5. Query expansion (k2 != 1): V'[i] = mean of the rows V[R0[i, :k2]], a sparse product.
-6. m_ij = sum_k min(V'[i, k], V'[j, k]); dist = max(0, 1 - m / (2 - m)) in float32.
+6. m_ij = sum_k min(V'[i, k], V'[j, k]); dist = max(0, 1 - m / (2 - m)) in float32. The sums
+   are a sparse product over the inverted index of V' (see :func:`_upper_min_sums`), added in
+   float32 in the reference's order, so they equal its loop to the last bit.
 
-Memory is O(N * k) plus O(chunk * N) scratch: V and V' hold about k * k2 entries per row and
-the Jaccard step works on row chunks, expanding each entry (i, k) of V' against the column k
-(an inverted index, like the reference) and summing the minima per pair. Only pairs sharing a
-column of V' have a distance below 1, so the result stores exactly those, explicit zeros
-included; every pair not stored has distance 1.0.
+Memory is O(N * k): V and V' hold about k * k2 entries per row and the min-sum step works on
+row chunks of bounded size, in parallel threads. Only pairs sharing a column of V' have a
+distance below 1, so :func:`jaccard_distance` stores exactly those, explicit zeros included;
+every pair not stored has distance 1.0. DBSCAN only needs the pairs within eps, which
+:func:`_jaccard_upper_within` finds while summing only a small part of the far pairs.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Tuple
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -31,6 +36,8 @@ import torch
 from .knn import ArrayLike, as_features, check_positive_int, exact_knn
 
 logger = logging.getLogger("isereid")
+
+T = TypeVar("T")
 
 #: Scratch budget (elements) for the chunked steps.
 _SCRATCH_ELEMENTS = 1 << 22
@@ -58,8 +65,9 @@ def jaccard_upper(features: ArrayLike, k1: int = 30, k2: int = 6, *, knn_backend
     """The upper triangle (diagonal included) of :func:`jaccard_distance`.
 
     With ``eps`` (a Python float below 1) only pairs with ``dist <= eps`` are kept, the
-    comparison sklearn's DBSCAN makes; this is all DBSCAN needs and skips storing the far
-    pairs, which are the vast majority."""
+    comparison sklearn's DBSCAN makes; this is all DBSCAN needs, and most far pairs are
+    then never summed. Their stored values are the distance or an upper bound of it, all
+    <= eps (see :func:`_jaccard_upper_within`)."""
     k1 = check_positive_int(k1, "k1")
     k2 = check_positive_int(k2, "k2")
     x = as_features(features)
@@ -70,14 +78,14 @@ def jaccard_upper(features: ArrayLike, k1: int = 30, k2: int = 6, *, knn_backend
     k = ranking.shape[1]
     full = _reciprocal_sets(ranking, min(k1 + 1, k))
     half = _reciprocal_sets(ranking, min(int(np.around(k1 / 2)) + 1, k))
-    rows, cols = _expanded_sets(ranking, full, half)
+    rows, cols = _expanded_sets(full, half)
     weights = _softmax_weights(x, rows, cols, knn_dist, ranking)
     v = sp.csr_matrix((weights, cols, np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])),
                       shape=(n, n))
     if k2 != 1:
         v = _query_expansion(v, ranking[:, :min(k2, k)])
     t_v = time.perf_counter()
-    upper = _jaccard_upper(v, eps)
+    upper = _jaccard_upper(v) if eps is None else _jaccard_upper_within(v, eps)
     logger.debug("jaccard: N=%d knn %.2fs, sets+weights+QE %.2fs (V' nnz/row %.1f), jaccard %.2fs "
                  "(stored upper nnz/row %.1f)", n, t_knn - timer, t_v - t_knn, v.nnz / n,
                  time.perf_counter() - t_v, upper.nnz / n)
@@ -101,41 +109,39 @@ def _reciprocal_sets(ranking: np.ndarray, m: int) -> Tuple[np.ndarray, np.ndarra
     return forward, mask
 
 
-def _expanded_sets(ranking: np.ndarray, full: Tuple[np.ndarray, np.ndarray],
+def _set_matrix(sets: Tuple[np.ndarray, np.ndarray]) -> sp.csr_matrix:
+    """The sets of :func:`_reciprocal_sets` as an (N, N) binary float32 CSR matrix."""
+    forward, mask = sets
+    n = forward.shape[0]
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(axis=1))])
+    return sp.csr_matrix((np.ones(indptr[-1], dtype=np.float32), forward[mask], indptr), shape=(n, n))
+
+
+def _expanded_sets(full: Tuple[np.ndarray, np.ndarray],
                    half: Tuple[np.ndarray, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """The expanded sets E(i) as (rows, cols) int64 arrays sorted by (row, col)."""
-    n = ranking.shape[0]
-    fwd, fmask = full
-    hfwd, hmask = half
-    hsize = hmask.sum(axis=1)
-    # Per row chunk: a boolean row-membership table of R(i) answers "r in R(i)" in O(1).
-    step = max(1, min(n, _SCRATCH_ELEMENTS // n))
-    member = np.zeros((min(step, n), n), dtype=bool)
-    keys = []
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        r_rows, r_pos = np.nonzero(fmask[start:stop])          # local row, position in fwd
-        r_cols = fwd[start:stop][r_rows, r_pos]                  # members c of R(i), in order
-        member[r_rows, r_cols] = True
-        cand = hfwd[r_cols]                                      # (P, mh) Rh(c) candidates
-        valid = hmask[r_cols]
-        inside = member[r_rows[:, None], cand] & valid
-        accepted = inside.sum(axis=1) > (2.0 / 3.0) * hsize[r_cols]
-        member[r_rows, r_cols] = False
-        acc_rows = np.broadcast_to(r_rows[accepted][:, None], cand[accepted].shape)[valid[accepted]]
-        acc_cols = cand[accepted][valid[accepted]]
-        local = np.concatenate([r_rows, acc_rows]) * n + np.concatenate([r_cols, acc_cols])
-        keys.append(np.unique(local) + start * n)
-    key = np.concatenate(keys)
-    return key // n, key % n
+    """The expanded sets E(i) as (rows, cols) int64 arrays sorted by (row, col).
+
+    With R and Rh the set matrices, (R @ Rh^T)[i, c] = |R(i) ∩ Rh(c)|; the candidates
+    c in R(i) whose count exceeds 2/3 |Rh(c)| are accepted, and E is the pattern of
+    R + Accepted @ Rh."""
+    reciprocal, half_sets = _set_matrix(full), _set_matrix(half)
+    n = reciprocal.shape[0]
+    shared = reciprocal.multiply(reciprocal @ half_sets.T).tocoo()      # c in R(i), with counts
+    accepted = shared.data > (2.0 / 3.0) * np.diff(half_sets.indptr)[shared.col]
+    chosen = sp.csr_matrix((np.ones(int(accepted.sum()), dtype=np.float32),
+                            (shared.row[accepted], shared.col[accepted])), shape=(n, n))
+    expanded = (reciprocal + chosen @ half_sets).tocsr()
+    expanded.sum_duplicates()  # canonical: sorted, unique columns per row
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(expanded.indptr))
+    return rows, expanded.indices.astype(np.int64)
 
 
 def _softmax_weights(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
                      knn_dist: np.ndarray, ranking: np.ndarray) -> np.ndarray:
     """softmax_j(-(2 - 2<x_i, x_j>)) over each row's expansion set, float32 (nnz,).
 
-    Distances already known from the kNN are reused; the others are computed as dot products
-    of gathered rows on the features' device."""
+    Distances already known from the kNN are reused; the others are computed on the
+    features' device by :func:`_sampled_distances`."""
     n, k = ranking.shape
     nnz = rows.shape[0]
     d = np.empty(nnz, dtype=np.float32)
@@ -150,13 +156,7 @@ def _softmax_weights(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
     d[found] = knn_dist.ravel()[order[pos[found]]]
     missing = np.flatnonzero(~found)
     if missing.size:
-        step = max(1, (1 << 22) // x.shape[1])
-        with torch.inference_mode():
-            for start in range(0, missing.size, step):
-                sel = missing[start:start + step]
-                a = x[torch.from_numpy(rows[sel]).to(x.device)].unsqueeze(1)   # (c, 1, D)
-                b = x[torch.from_numpy(cols[sel]).to(x.device)].unsqueeze(2)   # (c, D, 1)
-                d[sel] = (2.0 - 2.0 * torch.bmm(a, b).flatten()).cpu().numpy()
+        d[missing] = _sampled_distances(x, rows[missing], cols[missing])
     counts = np.bincount(rows, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[counts > 0]
     counts = counts[counts > 0]
@@ -164,6 +164,23 @@ def _softmax_weights(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
     shifted = neg - np.repeat(np.maximum.reduceat(neg, starts), counts)
     e = np.exp(shifted, dtype=np.float32)
     return e / np.repeat(np.add.reduceat(e, starts), counts)
+
+
+def _sampled_distances(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """2 - 2<x_i, x_j> for the pairs (rows, cols) sorted by row, float32.
+
+    A sampled matrix product (SDDMM): only the requested entries of X X^T are formed,
+    without gathering copies of the rows."""
+    n = x.shape[0]
+    crow = torch.from_numpy(np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow.to(x.device), torch.from_numpy(cols).to(x.device),
+                                          torch.zeros(rows.size, dtype=x.dtype, device=x.device),
+                                          size=(n, n), check_invariants=False)
+        with torch.inference_mode():
+            dots = torch.sparse.sampled_addmm(pattern, x, x.t(), beta=0.0).values()
+    return (2.0 - 2.0 * dots).cpu().numpy()
 
 
 def _query_expansion(v: sp.csr_matrix, top: np.ndarray) -> sp.csr_matrix:
@@ -177,56 +194,174 @@ def _query_expansion(v: sp.csr_matrix, top: np.ndarray) -> sp.csr_matrix:
     return out
 
 
-def _jaccard_upper(v: sp.csr_matrix, eps: Optional[float] = None) -> sp.csr_matrix:
-    """Weighted Jaccard distance of the rows of V (rows sum to 1) for pairs j >= i.
+class _ColumnIndex:
+    """The inverted index of V' (its CSC layout) and where each CSR entry sits in it.
 
-    m is symmetric, so only pairs j >= i are computed: the entry (i, k) of V meets the part
-    of column k's list (sorted by row) from its own position on. Per chunk of rows the minima
-    are summed into a (chunk, N - start) float64 scratch. Keeps dist < 1, or dist <= eps.
+    Within a column the entries are ordered by row, so the entries of column k that belong
+    to rows j >= i are the ones from the position of (i, k) on."""
+
+    def __init__(self, v: sp.csr_matrix):
+        n = v.shape[0]
+        self.row_ptr = v.indptr.astype(np.int64)
+        self.entry_rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(self.row_ptr))
+        self.entry_cols = v.indices.astype(np.int64)
+        self.values = v.data
+        # scipy's CSR -> CSC conversion keeps rows ascending within each column; carrying
+        # the CSR positions as data gives the permutation.
+        csc = sp.csr_matrix((np.arange(v.nnz, dtype=np.int64), v.indices, v.indptr), shape=v.shape).tocsc()
+        order, col_ptr = csc.data, csc.indptr.astype(np.int64)
+        self.col_rows = csc.indices.astype(np.int32)
+        self.col_values = self.values[order]
+        self.csc_pos = np.empty_like(order)
+        self.csc_pos[order] = np.arange(order.size)
+        #: (nnz,) entries j >= i of the column of each entry (i, k), itself included.
+        self.fan = col_ptr[self.entry_cols + 1] - self.csc_pos
+
+
+def _row_chunks(index: _ColumnIndex, fan: np.ndarray, budget: int) -> List[Tuple[int, int]]:
+    """Consecutive row ranges [start, stop) whose summed ``fan`` stays near ``budget``."""
+    n = index.row_ptr.shape[0] - 1
+    work = np.concatenate([[0], np.cumsum(np.bincount(index.entry_rows, weights=fan, minlength=n))])
+    chunks, start = [], 0
+    while start < n:
+        stop = int(np.searchsorted(work, work[start] + budget, side="right")) - 1
+        stop = min(n, max(stop, start + 1))
+        chunks.append((start, stop))
+        start = stop
+    return chunks
+
+
+def _upper_min_sums(index: _ColumnIndex, fan: np.ndarray, start: int, stop: int) -> sp.csr_matrix:
+    """m_ij = sum_k min(V'[i, k], V'[j, k]) for the rows i in [start, stop) and all j >= i.
+
+    Only the entries (i, k) with ``fan > 0`` contribute (``fan`` is ``index.fan`` with the
+    unused entries set to 0), so with a mask the sums are partial. The sum is a sparse product
+    A @ B: row e of B holds, for one entry e = (i, k), the values min(V'[i, k], V'[j, k]) of
+    the rows j >= i of column k, and A adds the rows e of each row i in column order. scipy
+    accumulates in float32 in that order, which is exactly the reference's
+    ``temp_min[others] += minimum(...)`` loop over the columns of row i.
+
+    Returns:
+        (stop - start, N) float32 CSR of sums, indices unsorted within rows.
+    """
+    n = index.row_ptr.shape[0] - 1
+    lo, hi = index.row_ptr[start], index.row_ptr[stop]
+    entries = lo + np.flatnonzero(fan[lo:hi])
+    entry_fan = fan[entries]
+    b_ptr = np.concatenate([[0], np.cumsum(entry_fan)])
+    pos = np.repeat(index.csc_pos[entries] - b_ptr[:-1], entry_fan) + np.arange(b_ptr[-1])
+    b = sp.csr_matrix((np.minimum(np.repeat(index.values[entries], entry_fan), index.col_values[pos]),
+                       index.col_rows[pos], b_ptr), shape=(entries.size, n))
+    a_ptr = np.concatenate([[0], np.cumsum(np.bincount(index.entry_rows[entries] - start, minlength=stop - start))])
+    a = sp.csr_matrix((np.ones(entries.size, dtype=np.float32), np.arange(entries.size), a_ptr),
+                      shape=(stop - start, entries.size))
+    return (a @ b).tocsr()
+
+
+def _map_chunks(work: Callable[[int, int], T], chunks: List[Tuple[int, int]]) -> List[T]:
+    """``work(start, stop)`` for every chunk, in order, on torch's number of CPU threads
+    (numpy and scipy's sparse kernels release the GIL)."""
+    threads = min(torch.get_num_threads(), len(chunks))
+    if threads <= 1:
+        return [work(start, stop) for start, stop in chunks]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda chunk: work(*chunk), chunks))
+
+
+def _distance(m: np.ndarray) -> np.ndarray:
+    """The reference's float32 max(0, 1 - m / (2 - m))."""
+    return np.maximum(np.float32(1.0) - m / (np.float32(2.0) - m), np.float32(0.0))
+
+
+def _chunk_rows(chunk: sp.csr_matrix, start: int) -> np.ndarray:
+    """Global row index of every stored entry of a row chunk."""
+    return start + np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+
+
+def _stack_rows(n: int, parts: List[sp.csr_matrix]) -> sp.csr_matrix:
+    """Row chunks (float32 CSR, sorted indices) stacked into one (N, N) matrix."""
+    if not parts:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    out = sp.vstack(parts, format="csr")
+    out.has_sorted_indices = True
+    return out
+
+
+def _kept(sums: sp.csr_matrix, keep: np.ndarray, data: np.ndarray) -> sp.csr_matrix:
+    """The entries of a chunk selected by ``keep``, with ``data`` as values, sorted indices."""
+    counts = np.bincount(np.repeat(np.arange(sums.shape[0]), np.diff(sums.indptr))[keep],
+                         minlength=sums.shape[0])
+    out = sp.csr_matrix((data[keep].astype(np.float32, copy=False), sums.indices[keep],
+                         np.concatenate([[0], np.cumsum(counts)])), shape=sums.shape)
+    out.sort_indices()
+    return out
+
+
+def _jaccard_upper(v: sp.csr_matrix) -> sp.csr_matrix:
+    """Weighted Jaccard distance of the rows of V' for all pairs j >= i below 1.
 
     Returns:
         (N, N) float32 upper-triangular CSR with sorted indices, explicit zeros kept."""
-    n = v.shape[0]
-    row_ptr = v.indptr.astype(np.int64)
-    row_cols = v.indices.astype(np.int64)
-    row_vals = v.data
-    # The inverted index (CSC) and the CSC position of every CSR entry.
-    order = np.argsort(row_cols, kind="stable")
-    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(row_cols, minlength=n))])
-    entry_rows = np.repeat(np.arange(n), np.diff(row_ptr))
-    col_rows = entry_rows[order]
-    col_vals = row_vals[order]
-    csc_pos = np.empty_like(order)
-    csc_pos[order] = np.arange(order.size)
+    index = _ColumnIndex(v)
 
-    index_dtype = np.int32 if n < 2 ** 31 - 1 else np.int64
-    step = max(1, min(n, _SCRATCH_ELEMENTS // n))
-    data_parts, index_parts, counts = [], [], np.zeros(n, dtype=np.int64)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        width = n - start                                         # columns j in [start, n)
-        lo, hi = row_ptr[start], row_ptr[stop]
-        first = csc_pos[lo:hi]                                    # own position in column k
-        fan = col_ptr[row_cols[lo:hi] + 1] - first                # entries j >= i in column k
-        total = int(fan.sum())
-        pos = np.repeat(first - (np.cumsum(fan) - fan), fan) + np.arange(total)
-        mins = np.minimum(np.repeat(row_vals[lo:hi], fan), col_vals[pos])
-        pair = np.repeat((entry_rows[lo:hi] - start) * width - start, fan) + col_rows[pos]
-        m = np.bincount(pair, weights=mins, minlength=(stop - start) * width)
-        nz = np.flatnonzero(m)
-        m32 = m[nz].astype(np.float32)
-        dist = np.maximum(np.float32(1.0) - m32 / (np.float32(2.0) - m32), np.float32(0.0))
-        keep = dist < np.float32(1.0)
-        if eps is not None:
-            keep &= dist <= eps
-        nz, dist = nz[keep], dist[keep]
-        data_parts.append(dist)
-        index_parts.append((nz % width + start).astype(index_dtype))
-        counts[start:stop] = np.bincount(nz // width, minlength=stop - start)
-    upper = sp.csr_matrix((np.concatenate(data_parts), np.concatenate(index_parts),
-                           np.concatenate([[0], np.cumsum(counts)])), shape=(n, n))
-    upper.has_sorted_indices = True
-    return upper
+    def work(start: int, stop: int) -> sp.csr_matrix:
+        sums = _upper_min_sums(index, index.fan, start, stop)
+        dist = _distance(sums.data)
+        return _kept(sums, dist < np.float32(1.0), dist)
+    return _stack_rows(v.shape[0], _map_chunks(work, _row_chunks(index, index.fan, _SCRATCH_ELEMENTS)))
+
+
+def _jaccard_upper_within(v: sp.csr_matrix, eps: float) -> sp.csr_matrix:
+    """The pairs j >= i with Jaccard distance <= eps, found without summing most far pairs.
+
+    dist <= eps needs m_ij >= tau = 2(1 - eps) / (2 - eps). Each row i is split into a
+    prefix (its largest entries) and a rest of mass S_i < tau / 2. Summing the minima over
+    the prefix columns only gives a lower bound m_lo <= m (float32 sums of non-negative terms
+    only grow when terms are added) and m <= m_lo + S_i. So a pair is a neighbour when
+    dist(m_lo) <= eps, is not one when m_lo + S_i is below tau by more than the float32
+    rounding of the sums, and only the few pairs in between get their exact m. A pair that
+    shares no prefix column of i has m <= S_i < tau and never appears.
+
+    Returns:
+        (N, N) float32 upper-triangular CSR with sorted indices holding exactly the pairs
+        with dist <= eps; each value is the distance or an upper bound of it, all <= eps."""
+    n = v.shape[0]
+    index = _ColumnIndex(v)
+    tau = 2.0 * (1.0 - eps) / (2.0 - eps)
+    # Prefix: entries in descending value order while the mass from them on is >= tau / 2.
+    # Row-major, values descending (float32 bits of positive values sort like the values).
+    order = np.argsort((index.entry_rows.astype(np.int64) << 32) | (0x7FFFFFFF - index.values.view(np.int32)))
+    mass = index.values[order].astype(np.float64)
+    running = np.cumsum(mass)
+    row_last = np.repeat(index.row_ptr[1:] - 1, np.diff(index.row_ptr))
+    from_here = running[row_last] - running + mass                  # mass of the row from here on
+    use = np.zeros(order.size, dtype=bool)
+    use[order] = from_here >= tau / 2
+    rest = np.bincount(index.entry_rows, weights=np.where(use, 0.0, index.values), minlength=n)
+    longest = int(np.diff(index.row_ptr).max()) if n else 0
+    slack = 4.0 * longest * 2.0 ** -24 + 1e-6        # float32 rounding of sums of <= longest terms
+    fan = np.where(use, index.fan, 0)
+
+    def work(start: int, stop: int) -> sp.csr_matrix:
+        sums = _upper_min_sums(index, fan, start, stop)
+        rows = _chunk_rows(sums, start)
+        dist = _distance(sums.data)
+        near = dist <= eps
+        unsure = np.flatnonzero(~near & (sums.data + rest[rows] >= tau - slack))
+        exact = _distance(_exact_min_sums(v, rows[unsure], sums.indices[unsure]))
+        near[unsure] = exact <= eps
+        dist[unsure] = exact
+        return _kept(sums, near, dist)
+    return _stack_rows(n, _map_chunks(work, _row_chunks(index, fan, _SCRATCH_ELEMENTS // 4)))
+
+
+def _exact_min_sums(v: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """m for the given pairs, summed in float32 over the shared columns in ascending order
+    (the same arithmetic as :func:`_upper_min_sums`)."""
+    if rows.size == 0:
+        return np.zeros(0, dtype=np.float32)
+    minima = v[rows].minimum(v[cols])
+    return np.asarray(minima @ np.ones(v.shape[1], dtype=np.float32), dtype=np.float32).ravel()
 
 
 def mirror(upper: sp.csr_matrix) -> sp.csr_matrix:
