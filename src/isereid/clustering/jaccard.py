@@ -78,10 +78,10 @@ def jaccard_upper(features: ArrayLike, k1: int = 30, k2: int = 6, *, knn_backend
     k = ranking.shape[1]
     full = _reciprocal_sets(ranking, min(k1 + 1, k))
     half = _reciprocal_sets(ranking, min(int(np.around(k1 / 2)) + 1, k))
-    rows, cols = _expanded_sets(full, half)
-    weights = _softmax_weights(x, rows, cols, knn_dist, ranking)
-    v = sp.csr_matrix((weights, cols, np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])),
-                      shape=(n, n))
+    expanded = _expanded_sets(full, half)
+    weights = _softmax_weights(x, _entry_rows(expanded.indptr), expanded.indices.astype(np.int64),
+                               knn_dist, ranking)
+    v = sp.csr_matrix((weights, expanded.indices, expanded.indptr), shape=(n, n))
     if k2 != 1:
         v = _query_expansion(v, ranking[:, :min(k2, k)])
     t_v = time.perf_counter()
@@ -109,6 +109,11 @@ def _reciprocal_sets(ranking: np.ndarray, m: int) -> Tuple[np.ndarray, np.ndarra
     return forward, mask
 
 
+def _entry_rows(indptr: np.ndarray, dtype: type = np.int64) -> np.ndarray:
+    """The row of every stored entry of a CSR matrix with this ``indptr``."""
+    return np.repeat(np.arange(indptr.shape[0] - 1, dtype=dtype), np.diff(indptr))
+
+
 def _set_matrix(sets: Tuple[np.ndarray, np.ndarray]) -> sp.csr_matrix:
     """The sets of :func:`_reciprocal_sets` as an (N, N) binary float32 CSR matrix."""
     forward, mask = sets
@@ -118,8 +123,8 @@ def _set_matrix(sets: Tuple[np.ndarray, np.ndarray]) -> sp.csr_matrix:
 
 
 def _expanded_sets(full: Tuple[np.ndarray, np.ndarray],
-                   half: Tuple[np.ndarray, np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """The expanded sets E(i) as (rows, cols) int64 arrays sorted by (row, col).
+                   half: Tuple[np.ndarray, np.ndarray]) -> sp.csr_matrix:
+    """The expanded sets E(i) as the pattern of an (N, N) CSR matrix with sorted indices.
 
     With R and Rh the set matrices, (R @ Rh^T)[i, c] = |R(i) ∩ Rh(c)|; the candidates
     c in R(i) whose count exceeds 2/3 |Rh(c)| are accepted, and E is the pattern of
@@ -132,8 +137,7 @@ def _expanded_sets(full: Tuple[np.ndarray, np.ndarray],
                             (shared.row[accepted], shared.col[accepted])), shape=(n, n))
     expanded = (reciprocal + chosen @ half_sets).tocsr()
     expanded.sum_duplicates()  # canonical: sorted, unique columns per row
-    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(expanded.indptr))
-    return rows, expanded.indices.astype(np.int64)
+    return expanded
 
 
 def _softmax_weights(x: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
@@ -203,7 +207,7 @@ class _ColumnIndex:
     def __init__(self, v: sp.csr_matrix):
         n = v.shape[0]
         self.row_ptr = v.indptr.astype(np.int64)
-        self.entry_rows = np.repeat(np.arange(n, dtype=np.int32), np.diff(self.row_ptr))
+        self.entry_rows = _entry_rows(self.row_ptr, np.int32)
         self.entry_cols = v.indices.astype(np.int64)
         self.values = v.data
         # scipy's CSR -> CSC conversion keeps rows ascending within each column; carrying
@@ -273,11 +277,6 @@ def _distance(m: np.ndarray) -> np.ndarray:
     return np.maximum(np.float32(1.0) - m / (np.float32(2.0) - m), np.float32(0.0))
 
 
-def _chunk_rows(chunk: sp.csr_matrix, start: int) -> np.ndarray:
-    """Global row index of every stored entry of a row chunk."""
-    return start + np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
-
-
 def _stack_rows(n: int, parts: List[sp.csr_matrix]) -> sp.csr_matrix:
     """Row chunks (float32 CSR, sorted indices) stacked into one (N, N) matrix."""
     if not parts:
@@ -287,10 +286,10 @@ def _stack_rows(n: int, parts: List[sp.csr_matrix]) -> sp.csr_matrix:
     return out
 
 
-def _kept(sums: sp.csr_matrix, keep: np.ndarray, data: np.ndarray) -> sp.csr_matrix:
-    """The entries of a chunk selected by ``keep``, with ``data`` as values, sorted indices."""
-    counts = np.bincount(np.repeat(np.arange(sums.shape[0]), np.diff(sums.indptr))[keep],
-                         minlength=sums.shape[0])
+def _kept(sums: sp.csr_matrix, local_rows: np.ndarray, keep: np.ndarray, data: np.ndarray) -> sp.csr_matrix:
+    """The entries of a chunk selected by ``keep``, with ``data`` as values, sorted indices
+    (``local_rows``: the chunk row of every stored entry)."""
+    counts = np.bincount(local_rows[keep], minlength=sums.shape[0])
     out = sp.csr_matrix((data[keep].astype(np.float32, copy=False), sums.indices[keep],
                          np.concatenate([[0], np.cumsum(counts)])), shape=sums.shape)
     out.sort_indices()
@@ -307,7 +306,7 @@ def _jaccard_upper(v: sp.csr_matrix) -> sp.csr_matrix:
     def work(start: int, stop: int) -> sp.csr_matrix:
         sums = _upper_min_sums(index, index.fan, start, stop)
         dist = _distance(sums.data)
-        return _kept(sums, dist < np.float32(1.0), dist)
+        return _kept(sums, _entry_rows(sums.indptr), dist < np.float32(1.0), dist)
     return _stack_rows(v.shape[0], _map_chunks(work, _row_chunks(index, index.fan, _SCRATCH_ELEMENTS)))
 
 
@@ -344,14 +343,15 @@ def _jaccard_upper_within(v: sp.csr_matrix, eps: float) -> sp.csr_matrix:
 
     def work(start: int, stop: int) -> sp.csr_matrix:
         sums = _upper_min_sums(index, fan, start, stop)
-        rows = _chunk_rows(sums, start)
+        local_rows = _entry_rows(sums.indptr)
+        rows = start + local_rows
         dist = _distance(sums.data)
         near = dist <= eps
         unsure = np.flatnonzero(~near & (sums.data + rest[rows] >= tau - slack))
         exact = _distance(_exact_min_sums(v, rows[unsure], sums.indices[unsure]))
         near[unsure] = exact <= eps
         dist[unsure] = exact
-        return _kept(sums, near, dist)
+        return _kept(sums, local_rows, near, dist)
     return _stack_rows(n, _map_chunks(work, _row_chunks(index, fan, _SCRATCH_ELEMENTS // 4)))
 
 
@@ -372,7 +372,7 @@ def mirror(upper: sp.csr_matrix) -> sp.csr_matrix:
     the lower part (columns < i) followed by row i of the upper part (columns >= i)."""
     n = upper.shape[0]
     u_ptr = upper.indptr.astype(np.int64)
-    u_rows = np.repeat(np.arange(n), np.diff(u_ptr))
+    u_rows = _entry_rows(u_ptr)
     strict = upper.indices != u_rows
     s_ptr = np.concatenate([[0], np.cumsum(np.bincount(u_rows[strict], minlength=n))])
     lower = sp.csr_matrix((upper.data[strict], upper.indices[strict], s_ptr), shape=(n, n)).T.tocsr()

@@ -145,8 +145,8 @@ def _expand_copies(keys: torch.Tensor, distinct: torch.Tensor, first: torch.Tens
     n, device = first.shape[0], keys.device
     group = torch.searchsorted(distinct, first)                        # (N,) distinct id per row
     members = torch.argsort(group, stable=True)                        # rows grouped, by index
-    start = torch.searchsorted(group[members], torch.arange(distinct.numel(), device=device))
     size = torch.bincount(group, minlength=distinct.numel())
+    start = torch.cumsum(size, 0) - size                               # first slot of each group
     width = min(k, int(size.max()))                                    # copies that can matter
     best = torch.empty((keys.shape[0], k), dtype=torch.int64, device=device)
     step = max(1, _EXPAND_ELEMENTS // (keys.shape[1] * width))
