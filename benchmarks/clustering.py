@@ -2,7 +2,7 @@
 
 Synthetic clustered unit features (about 17 images per identity centre plus 10 % uniform
 noise, float32). The reference is the straightforward dense re-implementation of
-ALGORITHM.md §4.2-4.3 as the original code does it: the N x N distance matrix, a top-k1
+docs/method.md#jaccard and #dbscan as the original code does it: the N x N distance matrix, a top-k1
 ranking, per-sample loops for the k-reciprocal sets and the expansion, dense N x N V and V',
 the inverted-index Jaccard loop into an N x N matrix, then sklearn DBSCAN on it. Ours is
 ``jaccard_dbscan``; the floor is the bare ``exact_knn(features, k1)``.
@@ -50,7 +50,7 @@ def make_features(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# The dense reference (ALGORITHM.md §4.2, loop for loop)
+# The dense reference (docs/method.md#jaccard, loop for loop)
 # ----------------------------------------------------------------------------------------------
 def dense_jaccard(x: np.ndarray, k1: int = 30, k2: int = 6) -> np.ndarray:
     """The reference's dense (N, N) float32 Jaccard distance (torch kNN instead of faiss)."""
@@ -110,8 +110,9 @@ def dense_dbscan(x: np.ndarray, eps: float, k1: int, k2: int, min_samples: int) 
 # Measurement in a fresh subprocess
 # ----------------------------------------------------------------------------------------------
 def _child(method: str, path: str, args: dict, repeats: int, queue) -> None:
-    import torch  # noqa: F401  (imports belong to the baseline)
-    import sklearn.cluster  # noqa: F401
+    import sklearn.cluster  # noqa: F401  (imports belong to the baseline)
+    import torch  # noqa: F401
+
     from isereid.clustering import exact_knn, jaccard_dbscan
 
     def run(x: np.ndarray):

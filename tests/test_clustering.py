@@ -1,4 +1,4 @@
-"""Tests for isereid.clustering against a slow, literal, dense oracle of ALGORITHM.md §4.2-4.3.
+"""Tests for isereid.clustering against a slow, literal, dense oracle of docs/method.md#jaccard and #dbscan.
 
 The oracle follows the reference loop by loop: a full stable argsort of the float32 squared
 distance 2 - 2<x_i, x_j> keeping only k1 columns, k-reciprocal sets with the "k1 + 1" slices
@@ -12,12 +12,13 @@ import json
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from sklearn.cluster import DBSCAN
 
 from isereid.clustering import ClusteringReport, cluster_report, exact_knn, jaccard_dbscan, jaccard_distance
 from isereid.clustering import jaccard as jaccard_module
-from isereid.errors import ConfigError, IsereidError
+from isereid.errors import ClusteringError, IsereidError, MissingDependency
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,10 +194,9 @@ def test_single_point():
 # ----------------------------------------------------------------------------------------------
 # The min-sum step on a given V' (bit-exact against the reference's float32 loop)
 # ----------------------------------------------------------------------------------------------
-def random_v(n: int, per_row: int, seed: int) -> "sp.csr_matrix":
+def random_v(n: int, per_row: int, seed: int) -> sp.csr_matrix:
     """A V'-like sparse matrix: rows of positive float32 weights summing to about 1, self
     included, neighbours drawn from a few groups so that rows overlap."""
-    import scipy.sparse as sp
     rng = np.random.default_rng(seed)
     group = rng.integers(0, max(1, n // 12), n)
     rows, cols = [], []
@@ -312,13 +312,15 @@ def test_exact_knn_blocks_agree_with_one_block():
         np.testing.assert_allclose(d, d1, atol=1e-6, rtol=0)
 
 
-def test_faiss_backend_missing_is_a_config_error():
+def test_faiss_backend_missing_and_unknown_backend_are_one_line_errors():
     try:
         import faiss  # noqa: F401
     except ImportError:
-        with pytest.raises(ConfigError, match="faiss"):
+        with pytest.raises(MissingDependency, match="faiss"):
             jaccard_distance(noise(10), knn_backend="faiss")
-    with pytest.raises(ConfigError, match="backend"):
+    with pytest.raises(ValueError, match="backend"):  # a library error, not the CLI's ConfigError
+        exact_knn(noise(10), 3, backend="annoy")
+    with pytest.raises(IsereidError, match="backend"):  # ... that the CLI still shows on one line
         exact_knn(noise(10), 3, backend="annoy")
 
 
@@ -402,11 +404,46 @@ def test_cluster_report_hand_computed():
     assert report.nmi == pytest.approx(normalized_mutual_info_score(truth, singleton))
     assert report.ari == pytest.approx(adjusted_rand_score(truth, singleton))
     d = json.loads(json.dumps(report.to_dict()))
-    assert set(d) == {"num_clusters", "num_outliers", "histogram", "nmi", "ari", "purity"}
+    assert set(d) == {"num_clusters", "num_outliers", "histogram", "nmi", "ari", "purity",
+                      "cross_camera_clusters", "cross_camera_images"}
     assert d["nmi"] == pytest.approx(report.nmi)
+    assert d["cross_camera_clusters"] is None and d["cross_camera_images"] is None  # no cameras given
 
 
 def test_cluster_report_without_truth():
     d = cluster_report(np.array([0, 1, 1, -1, -1])).to_dict()
     assert d == {"num_clusters": 2, "num_outliers": 2, "histogram": {"1": 1, "2-3": 1},
-                 "nmi": None, "ari": None, "purity": None}
+                 "nmi": None, "ari": None, "purity": None, "cross_camera_clusters": None,
+                 "cross_camera_images": None}
+
+
+def _camera_spread_oracle(labels, cameras):
+    clusters = sorted({int(c) for c in labels if c >= 0})
+    multi = {c for c in clusters if len({int(k) for y, k in zip(labels, cameras) if y == c}) >= 2}
+    clustered = [y for y in labels if y >= 0]
+    if not clustered:
+        return 0.0, 0.0
+    return len(multi) / len(clusters), sum(y in multi for y in clustered) / len(clustered)
+
+
+def test_cluster_report_camera_spread_hand_computed():
+    labels = np.array([0, 0, 0, 1, 1, -1, 2, 2, 2, 2])
+    cameras = np.array([0, 1, 1, 2, 2, 0, 3, 0, 3, 3])
+    d = cluster_report(labels, cameras=cameras).to_dict()
+    # clusters 0 and 2 span two cameras, cluster 1 does not; 7 of the 9 clustered images sit in them
+    assert d["cross_camera_clusters"] == pytest.approx(2 / 3)
+    assert d["cross_camera_images"] == pytest.approx(7 / 9)
+    assert d["nmi"] is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_camera_spread_matches_loop_oracle(seed):
+    from isereid.clustering.report import camera_spread
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 80))
+    labels = rng.integers(-1, int(rng.integers(1, 12)), n)
+    cameras = rng.integers(0, int(rng.integers(1, 4)), n)
+    assert camera_spread(labels, cameras) == pytest.approx(_camera_spread_oracle(labels, cameras))
+    with pytest.raises(ClusteringError):
+        camera_spread(labels, cameras[:-1] if n > 1 else np.zeros(2))

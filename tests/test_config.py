@@ -19,7 +19,7 @@ def test_presets_carry_reference_hyper_parameters():
     s = load_config("msmt17")
     assert (s.cluster.eps, s.memory.momentum, s.memory.mode, s.ise.lp_weight) == (0.7, 0.1, "ori", 0.01)
     assert (s.optim.epochs, s.optim.step_size) == (50, 20)
-    # Reference values shared by both presets (ALGORITHM.md §7).
+    # Reference values shared by both presets (docs/method.md#optimisation).
     for c in (m, s):
         assert (c.optim.lr, c.optim.weight_decay, c.memory.temperature, c.ise.lp_temperature) == (
             3.5e-4, 5e-4, 0.05, 0.6)
@@ -58,6 +58,33 @@ def test_bad_values_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("market1501", [override])
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, key, needle", [
+    ("no.such.key=1", "no.such.key", None),  # OmegaConf alone names only 'no'
+    ("optim.epoch.x=1", "optim.epoch.x", "optim.epochs"),
+    ("data.hieght.px=3", "data.hieght.px", "data.height"),
+])
+def test_unknown_dotted_key_is_named_whole(override, key, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["optim.epochs=2", override])
+    msg = str(e.value)
+    assert f"unknown config key {key!r}" in msg and "\n" not in msg
+    assert needle is None or f"did you mean {needle}" in msg
+
+
+def test_choice_lists_have_one_source():
+    from isereid import config, losses, memory
+    from isereid.clustering import knn
+    from isereid.data import datasets
+    from isereid.models import batchnorm, pooling
+
+    assert config.CHOICES["data.dataset"] is datasets.DATASET_NAMES
+    assert config.CHOICES["memory.mode"] is memory.MODES
+    assert config.CHOICES["ise.lp_negatives"] is losses.NEGATIVES
+    assert config.CHOICES["cluster.knn_backend"] is knn.KNN_BACKENDS
+    assert config.CHOICES["model.pooling"] is pooling.POOLINGS
+    assert config.CHOICES["model.bn_mode"] is batchnorm.BN_MODES
 
 
 def test_unknown_preset_and_yaml_file(tmp_path):

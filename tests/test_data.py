@@ -88,7 +88,7 @@ def test_market_parsing_root_or_parent(tmp_path, sub):
 
 
 def test_parsing_uses_the_basename_not_the_path(tmp_path):
-    # a parent folder that itself looks like a Market name must not change the parse (trap 18)
+    # a parent folder that itself looks like a Market name must not change the parse (docs/reference_quirks.md#q18)
     folder = make_market(tmp_path / "9999_c9s9_data")
     assert_market(build_dataset("market1501", folder), folder)
 
@@ -335,7 +335,7 @@ def test_train_transform_shape_and_identity_without_augmentation():
 
 
 def erasing_oracle(img: np.ndarray, rng: random.Random, p=0.5, sl=0.02, sh=0.4, r1=0.3, value=IMAGENET_MEAN):
-    """Straight transcription of the reference class (ALGORITHM.md §3.2 item 7)."""
+    """Straight transcription of the reference class (docs/method.md#transforms, item 5)."""
     img = img.copy()
     if rng.uniform(0, 1) >= p:
         return img

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from isereid.config import ISEConfig, MemoryConfig, ModelConfig
-from isereid.engine.distributed import DistContext, gather_with_grad
+from isereid.distributed import DistContext, gather_with_grad
 from isereid.engine.step import ise_losses
 from isereid.memory import ClusterMemory
 from isereid.models import build_model, trainable_parameters

@@ -14,7 +14,7 @@ from isereid.memory import ClusterMemory
 
 
 def hand_written_step(feats, labels, centroids, weight, lp_weight, temp=0.05, lp_temp=0.6, momentum=0.2):
-    """ALGORITHM.md §1.5.7 written out with loops, float64, for K=1 and 'hard' memory."""
+    """docs/method.md#training-loop (step 2.5) written out with loops, float64, for K=1 and 'hard' memory."""
     B, C = feats.shape[0], centroids.shape[0]
     supports = []
     for b in range(B):
@@ -101,7 +101,8 @@ def test_switches_give_baseline_and_ablations():
     _, lp_only = run(False, True)
     torch.testing.assert_close(lp_only.contrastive, base.contrastive)  # supports kept out of L_cc
     assert float(lp_only.label_preserving) > 0 and lp_only.memory_inputs.shape[0] == 12
-    assert math.isclose(float(lp_only.total.detach()), float(base.total.detach()) + 0.1 * float(lp_only.label_preserving), rel_tol=1e-5)
+    assert math.isclose(float(lp_only.total.detach()),
+                        float(base.total.detach()) + 0.1 * float(lp_only.label_preserving), rel_tol=1e-5)
     _, pil_only = run(True, False)
     assert pil_only.memory_inputs.shape[0] == 24 and float(pil_only.label_preserving) == 0.0
     assert not torch.allclose(pil_only.contrastive, base.contrastive)

@@ -53,6 +53,7 @@ def test_unreadable_images_above_tolerated_fraction(tiny_demo, tmp_path, capsys)
     msg = one_line_error(["train", "--config", "demo", "--data-root", str(root), "--output-dir",
                           str(tmp_path / "out"), *QUICK, "data.max_bad_fraction=0.001"], capsys)
     assert "data.max_bad_fraction" in msg and "5" in msg
+    assert sum(path.name in msg for path in train[:5]) == 3 and "and 2 more" in msg  # names the files
 
 
 def test_clustering_with_no_clusters_gives_eps_advice(tiny_demo, tmp_path, capsys):
@@ -109,3 +110,116 @@ def test_out_of_memory_gives_batch_size_advice(tiny_demo, tmp_path, capsys, monk
 def test_debug_shows_the_traceback(capsys):
     with pytest.raises(Exception):
         main(["train", "--config", "nosuchpreset", "--debug"])
+
+
+# ---------------------------------------------------------------------------- messages seen from outside
+def test_unknown_dotted_override_names_the_whole_key(capsys):
+    msg = one_line_error(["train", "--config", "demo", "no.such.key=1"], capsys)
+    assert "'no.such.key'" in msg
+    msg = one_line_error(["train", "--config", "demo", "data.hieght.px=1"], capsys)
+    assert "'data.hieght.px'" in msg and "data.height" in msg  # a close key is suggested
+
+
+def test_skipped_training_images_are_named(tiny_demo, tmp_path, capsys, monkeypatch):
+    import isereid.engine.trainer as trainer
+
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_demo, root)
+    train = sorted((root / "bounding_box_train").iterdir())
+    for path in train[:4]:
+        path.write_bytes(path.read_bytes()[:60])
+
+    def stop(self):  # the warning comes before training: no need to train
+        raise torch.OutOfMemoryError("stop here")
+
+    monkeypatch.setattr(trainer.Trainer, "run", stop)
+    assert main(["train", "--config", "demo", "--data-root", str(root), "--output-dir", str(tmp_path / "out"),
+                 *QUICK, "data.max_bad_fraction=0.5"]) == 2
+    warning = [line for line in capsys.readouterr().err.splitlines() if "unreadable" in line]
+    assert len(warning) == 1 and "skipping 4 unreadable training image(s)" in warning[0]
+    assert [path.name in warning[0] for path in train[:4]] == [True, True, True, False]
+    assert warning[0].endswith("and 1 more")
+
+
+def test_workers_are_capped_at_the_cpus_once(monkeypatch, tmp_path):
+    import logging
+    import warnings
+
+    from PIL import Image
+
+    from isereid.config import DataConfig
+    from isereid.data import loader
+    from isereid.data.transforms import build_test_transform
+    from isereid.features import extract_features
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(loader, "_reported", set())
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("isereid").addHandler(handler)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.new("RGB", (16, 32), (40 * i, 0, 0)).save(paths[-1])
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):  # e.g. clustering then evaluation: still one message
+                feats = extract_features(net, paths, build_test_transform(DataConfig(height=32, width=16)),
+                                         batch_size=2, workers=4, progress=False)
+            assert loader.make_loader(torch.utils.data.TensorDataset(torch.zeros(2)), 0).num_workers == 0
+    finally:
+        logging.getLogger("isereid").removeHandler(handler)
+    assert feats.shape == (3, 3)
+    assert [r.getMessage() for r in records if "capped" in r.getMessage()] == [
+        "data.workers=4 capped at 1 (CPUs available)"]
+    assert not [w for w in caught if "worker" in str(w.message)]  # no PyTorch warning either
+
+
+# ---------------------------------------------------------------------------- library errors
+def test_library_errors_are_value_errors_not_the_clis_config_error():
+    """Tensor-level code raises ValueError (the CLI still shows it as one line: an IsereidError)."""
+    import numpy as np
+
+    from isereid.clustering import exact_knn, jaccard_dbscan
+    from isereid.errors import ConfigError, IsereidError
+    from isereid.memory import ClusterMemory
+
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    calls = [lambda: ClusterMemory(torch.eye(3), mode="median"), lambda: ClusterMemory(torch.eye(3), momentum=2.0),
+             lambda: exact_knn(x, 3, backend="annoy"), lambda: jaccard_dbscan(x, eps=0.0),
+             lambda: jaccard_dbscan(x[:, :1] * np.nan, eps=0.5), lambda: exact_knn(x, 0)]
+    for call in calls:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert isinstance(err.value, IsereidError) and not isinstance(err.value, ConfigError)
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_failed_export_leaves_no_temp_file(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from isereid.errors import IsereidError
+    from isereid.export import export_onnx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    out = tmp_path / "out" / "model.onnx"
+    with pytest.raises(IsereidError, match="differ"):  # parity check fails
+        export_onnx(net, out, 16, 8, tolerance=-1.0)
+    assert list(out.parent.iterdir()) == []
+
+    def broken(path):
+        raise onnx.checker.ValidationError("bad graph")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_onnx(net, out, 16, 8)
+    assert list(out.parent.iterdir()) == []
+    monkeypatch.undo()
+    report = export_onnx(net, out, 16, 8)
+    assert report.path == out and [p.name for p in out.parent.iterdir()] == ["model.onnx"]

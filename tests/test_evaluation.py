@@ -2,7 +2,7 @@
 
 The slow references live here: a per-query loop scored with scikit-learn (mAP) and a plain
 first-match loop (CMC), and a dense, loop-by-loop version of the reference k-reciprocal
-re-ranking of ALGORITHM.md §8.4.
+re-ranking of docs/method.md#re-ranking.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from isereid.evaluation import RankingResult, evaluate_ranking, pairwise_distanc
 # Slow references
 # ----------------------------------------------------------------------------------------------
 def loop_ranking_reference(distmat, query_pids, gallery_pids, query_camids, gallery_camids, max_rank):
-    """Per-query protocol of ALGORITHM.md §8.2-8.3 with sklearn AP; ties in CMC by stable argsort.
+    """Per-query protocol of docs/method.md#ranking with sklearn AP; ties in CMC by stable argsort.
 
     Returns (per-query AP with NaN for skipped queries, cmc (max_rank,))."""
     distmat = np.asarray(distmat, dtype=np.float64)
@@ -45,7 +45,7 @@ def loop_ranking_reference(distmat, query_pids, gallery_pids, query_camids, gall
 
 
 def dense_reference_re_ranking(q_g, q_q, g_g, k1, k2, lambda_value):
-    """The reference re_ranking on dense (Q+G)^2 matrices, loop by loop (ALGORITHM.md §8.4)."""
+    """The reference re_ranking on dense (Q+G)^2 matrices, loop by loop (docs/method.md#re-ranking)."""
     num_query = q_g.shape[0]
     full = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float32)
     full = np.power(full, 2).astype(np.float32)

@@ -19,9 +19,20 @@ from torch import nn
 import isereid
 from isereid.config import ModelConfig
 from isereid.errors import CheckpointError, ConfigError
-from isereid.models import (GeneralizedMeanPooling, GhostBatchNorm1d, GhostBatchNorm2d, ReidNet, build_backbone,
-                            build_model, convert_batchnorm, extract_state_dict, infer_model_config, load_model,
-                            safe_load, trainable_parameters)
+from isereid.models import (
+    GeneralizedMeanPooling,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    ReidNet,
+    build_backbone,
+    build_model,
+    convert_batchnorm,
+    extract_state_dict,
+    infer_model_config,
+    load_model,
+    safe_load,
+    trainable_parameters,
+)
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -217,7 +228,7 @@ def test_convert_batchnorm_modes(caplog):
 
 # ----------------------------------------------------------------------------- checkpoints
 def _reference_state_dict(tv: nn.Module, feat_bn: nn.BatchNorm1d) -> dict:
-    """The ISE/CC DataParallel layout of ALGORITHM.md §2.3, written out by hand."""
+    """The ISE/CC DataParallel layout of docs/method.md#state-dict, written out by hand."""
     sd = {}
     for prefix, mod in (("base.0", tv.conv1), ("base.1", tv.bn1), ("base.4", tv.layer1), ("base.5", tv.layer2),
                         ("base.6", tv.layer3), ("base.7", tv.layer4), ("feat_bn", feat_bn)):

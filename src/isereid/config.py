@@ -8,7 +8,7 @@ The merged result is converted back to plain dataclass objects, so the rest of t
 never touches OmegaConf.
 
 Defaults equal the reference (Market-1501 ISE run) wherever they change numbers; each option
-that departs from the reference names the parity trap of ALGORITHM.md it addresses.
+that departs from the reference names its entry in docs/reference_quirks.md (Q1-Q32).
 """
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .clustering.knn import KNN_BACKENDS
+from .data.datasets import DATASET_NAMES
 from .errors import ConfigError
+from .losses import NEGATIVES
+from .memory import MODES as MEMORY_MODES
 
 
 @dataclass
@@ -37,7 +41,7 @@ class DataConfig:
     flip_prob: float = 0.5
     pad: int = 10
     erasing_prob: float = 0.5
-    # Trap 16: the reference fills erased boxes with these values in *normalised* space.
+    # The reference fills erased boxes with these values in *normalised* space (docs/reference_quirks.md#q16).
     erasing_value: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     # Fraction of unreadable images tolerated (skipped with a warning) before failing.
     max_bad_fraction: float = 0.01
@@ -49,8 +53,8 @@ class ModelConfig:
     pretrained: bool = True  # torchvision ImageNet weights (downloads when online)
     pretrained_path: Optional[str] = None  # local file with backbone weights (overrides download)
     last_stride: int = 1
-    pooling: str = "avg"  # avg | gem (trap 13)
-    # Trap 14: the reference's 4-GPU DataParallel normalises each 64-sample chunk separately.
+    pooling: str = "avg"  # avg | gem (docs/reference_quirks.md#q13)
+    # The reference's 4-GPU DataParallel normalises each 64-sample chunk separately (docs/reference_quirks.md#q14).
     bn_mode: str = "chunk"  # chunk (ghost BN, GPU-count independent) | sync | plain
     bn_chunk: int = 64
     channels_last: bool = False
@@ -64,25 +68,36 @@ class ClusterConfig:
     k2: int = 6
     knn_backend: str = "torch"  # torch | faiss
     every: int = 1  # re-cluster every N epochs
+    # Subtract each camera's mean feature (then re-normalise) before the Jaccard distance, so that
+    # one person's views from different cameras can fall into one cluster (docs/camera_aware.md).
+    camera_norm: bool = False
 
 
 @dataclass
 class MemoryConfig:
     temperature: float = 0.05
-    momentum: float = 0.2  # weight of the OLD centroid (trap 7)
-    mode: str = "hard"  # hard | ori (trap 6: Market hard, MSMT ori)
-    update_with_supports: bool = True  # trap 5
+    momentum: float = 0.2  # weight of the OLD centroid (docs/reference_quirks.md#q7)
+    mode: str = "hard"  # hard | ori (Market hard, MSMT ori; docs/reference_quirks.md#q6)
+    update_with_supports: bool = True  # docs/reference_quirks.md#q5
+    # Camera-aware proxies (docs/camera_aware.md): one proxy per (cluster, camera), an intra-camera
+    # and an inter-camera contrastive term on the real samples, next to the cluster memory.
+    camera_aware: bool = False
+    camera_temperature: float = 0.07
+    camera_momentum: float = 0.2  # weight of the OLD proxy, as momentum above
+    camera_hard_negatives: int = 50
+    camera_intra_weight: float = 1.0
+    camera_inter_weight: float = 0.5
 
 
 @dataclass
 class ISEConfig:
     pil: bool = True  # supports enter the contrastive loss and the memory
     lp: bool = True  # label-preserving loss on the supports
-    lambda_base: float = 1.0  # trap 3: effective weight 0.25*lambda_base*ln(1+(e-1)t/T)
+    lambda_base: float = 1.0  # effective weight 0.25*lambda_base*ln(1+(e-1)t/T), docs/reference_quirks.md#q3
     topk: int = 1  # nearest foreign centroids per sample
     lp_temperature: float = 0.6
     lp_weight: float = 0.1  # Market 0.1, MSMT 0.01
-    lp_negatives: str = "per_identity"  # per_identity | all (trap 9)
+    lp_negatives: str = "per_identity"  # per_identity | all (docs/reference_quirks.md#q9)
 
 
 @dataclass
@@ -97,7 +112,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    amp: Optional[bool] = None  # None: autocast on CUDA, off on CPU
+    # Mixed precision (autocast + gradient scaling) for training steps; off by default because the
+    # reference trains in fp32. Feature extraction for clustering and evaluation is always fp32.
+    amp: bool = False
+    # Train on the true identities from the file names instead of pseudo-labels (same trainer and
+    # budget): the ceiling that pseudo-labels can reach, used by benchmarks/accuracy.py.
+    supervised: bool = False
     log_every: int = 50
     tensorboard: bool = True
     progress: bool = True
@@ -132,13 +152,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# The model's lists live here because isereid.models imports this module (the pure modules own theirs).
+POOLINGS = ("avg", "gem")
+BN_MODES = ("chunk", "sync", "plain")
+
+# Each list has one source: the module that implements the choice (or the lines above).
 CHOICES = {
-    "data.dataset": ("market1501", "msmt17", "dukemtmc", "folder", "demo"),
-    "model.pooling": ("avg", "gem"),
-    "model.bn_mode": ("chunk", "sync", "plain"),
-    "cluster.knn_backend": ("torch", "faiss"),
-    "memory.mode": ("hard", "ori"),
-    "ise.lp_negatives": ("per_identity", "all"),
+    "data.dataset": DATASET_NAMES,
+    "model.pooling": POOLINGS,
+    "model.bn_mode": BN_MODES,
+    "cluster.knn_backend": KNN_BACKENDS,
+    "memory.mode": MEMORY_MODES,
+    "ise.lp_negatives": NEGATIVES,
 }
 
 
@@ -184,10 +209,13 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _config_error(e: OmegaConfBaseException, schema: Any, source: str) -> ConfigError:
+def _config_error(e: OmegaConfBaseException, schema: Any, source: str, written: Sequence[str] = ()) -> ConfigError:
+    """One-line ConfigError for an OmegaConf failure; ``written`` are the dotted keys the user typed."""
     key = getattr(e, "full_key", None) or ""
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        # OmegaConf names only the first unknown part ('no' for no.such.key): report the key as typed.
+        key = next((k for k in written if k == key or k.startswith(key + ".")), key)
         known = _all_keys(schema)
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
         if not close:
@@ -222,7 +250,8 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as e:
-            raise _config_error(e, schema, "command-line overrides") from None
+            raise _config_error(e, schema, "command-line overrides",
+                                [o.split("=", 1)[0].strip() for o in overrides]) from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg
@@ -252,9 +281,12 @@ def validate(cfg: Config) -> None:
             f"data.batch_size ({cfg.data.batch_size}) must be a multiple of data.num_instances "
             f"({cfg.data.num_instances})"
         )
-    if not 0 <= cfg.memory.momentum <= 1:
-        raise ConfigError(f"memory.momentum must be in [0, 1], got {cfg.memory.momentum}")
-    for key in ("memory.temperature", "ise.lp_temperature", "cluster.eps", "optim.lr"):
+    for key in ("memory.momentum", "memory.camera_momentum"):
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {_get(cfg, key)}")
+    if cfg.memory.camera_hard_negatives < 1:
+        raise ConfigError(f"memory.camera_hard_negatives must be at least 1, got {cfg.memory.camera_hard_negatives}")
+    for key in ("memory.temperature", "ise.lp_temperature", "cluster.eps", "optim.lr", "memory.camera_temperature"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {_get(cfg, key)}")
     if len(cfg.data.erasing_value) != 3:

@@ -11,11 +11,21 @@ class IsereidError(Exception):
     """An error caused by the user's input, reported as a one-line message."""
 
 
+class InvalidArgument(IsereidError, ValueError):
+    """A value a library function cannot use (bad shape, out of range, unknown choice).
+
+    A :class:`ValueError` to Python callers; the command line shows it as one line."""
+
+
+class MissingDependency(IsereidError, ImportError):
+    """An optional package that the requested feature needs is not installed."""
+
+
 class DatasetError(IsereidError):
     """A dataset folder is missing, empty, in the wrong layout or holds bad images."""
 
 
-class ConfigError(IsereidError):
+class ConfigError(InvalidArgument):
     """An unknown or ill-typed configuration key or value."""
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import IsereidError
+from .utils import atomic_path
 
 
 @dataclass
@@ -36,7 +37,6 @@ def export_onnx(model: nn.Module, output: str | Path, height: int, width: int, o
     onnx = _require("onnx")
     ort = _require("onnxruntime")
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     not_eval = [name for name, m in model.named_modules() if m.training]
     if not_eval:  # fast-reid's check: a BN in train mode would bake batch statistics in
@@ -46,24 +46,22 @@ def export_onnx(model: nn.Module, output: str | Path, height: int, width: int, o
                   dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False  # the TorchScript exporter needs no onnxscript
-    tmp = output.with_name(f".{output.name}.tmp")
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(tmp), **kwargs)
-    onnx.checker.check_model(str(tmp))
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    generator = torch.Generator().manual_seed(0)
-    for b in check_batch_sizes:
-        images = torch.randn(b, 3, height, width, generator=generator)
-        with torch.no_grad():
-            expected = model(images).numpy()
-        got = session.run(["features"], {"images": images.numpy()})[0]
-        if got.shape != expected.shape:
-            raise IsereidError(f"ONNX output shape {got.shape} differs from PyTorch {expected.shape}")
-        worst = max(worst, float(np.abs(got - expected).max()))
-    if worst > tolerance:
-        tmp.unlink(missing_ok=True)
-        raise IsereidError(f"ONNX and PyTorch features differ by {worst:.2e} (> tolerance {tolerance:.0e})")
-    tmp.replace(output)
+    with atomic_path(output) as tmp:  # removed again if any check below fails
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(tmp), **kwargs)
+        onnx.checker.check_model(str(tmp))
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        generator = torch.Generator().manual_seed(0)
+        for b in check_batch_sizes:
+            images = torch.randn(b, 3, height, width, generator=generator)
+            with torch.no_grad():
+                expected = model(images).numpy()
+            got = session.run(["features"], {"images": images.numpy()})[0]
+            if got.shape != expected.shape:
+                raise IsereidError(f"ONNX output shape {got.shape} differs from PyTorch {expected.shape}")
+            worst = max(worst, float(np.abs(got - expected).max()))
+        if worst > tolerance:
+            raise IsereidError(f"ONNX and PyTorch features differ by {worst:.2e} (> tolerance {tolerance:.0e})")
     return ExportReport(output, worst, tolerance, tuple(check_batch_sizes))

@@ -5,11 +5,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data.images import ImageDataset
-from .engine.distributed import DistContext
+from .data.loader import make_loader
+from .distributed import DistContext
 
 
 @torch.no_grad()
@@ -35,8 +35,8 @@ def extract_features(
     device = device or ctx.device
     shard = ctx.shard(len(paths))
     dataset = ImageDataset([paths[i] for i in shard], transform)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = make_loader(dataset, workers, batch_size=batch_size, shuffle=False,
+                         pin_memory=device.type == "cuda", persistent_workers=False)
     was_training = model.training
     model.eval()
     chunks = []

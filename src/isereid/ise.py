@@ -1,4 +1,4 @@
-"""Implicit Sample Extension: support samples by progressive linear interpolation (ALGORITHM.md §5).
+"""Implicit Sample Extension: support samples by progressive linear interpolation (docs/method.md#supports).
 
 Each sample f of pseudo-identity y gets K support samples pushed from its own centroid
 towards the K most similar *other* centroids:
@@ -6,7 +6,7 @@ towards the K most similar *other* centroids:
     s = normalize(f + a(t) · (c_nearest − c_y)),   a(t) = 0.25 · λ · ln(1 + (e − 1)·t/T)
 
 The direction is centroid-to-centroid and the nearest centroids are found from the detached
-sample (traps 3–4). Supports keep the sample's label and carry gradients into f.
+sample (docs/reference_quirks.md#q3, #q4). Supports keep the sample's label and carry gradients into f.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def interpolation_weight(step: int, total_steps: int, lambda_base: float = 1.0) 
     """Effective interpolation coefficient a(t) at global iteration ``step`` of ``total_steps``.
 
     Grows from 0 at t = 0 to 0.25·``lambda_base`` at t = T (both of the reference's 0.5 factors
-    are included, trap 3).
+    are included, docs/reference_quirks.md#q3).
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")

@@ -1,4 +1,4 @@
-"""Label-preserving (LP) loss between samples and their supports (ALGORITHM.md §6.3)."""
+"""Label-preserving (LP) loss between samples and their supports (docs/method.md#lp-loss)."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +17,7 @@ def label_preserving_loss(features: torch.Tensor, supports: torch.Tensor, labels
         temperature: similarities are ``exp(f·s / temperature)`` (plain exp, bounded for unit vectors).
         negatives: ``"per_identity"`` — N_b sums, over every other identity in the batch, its most
             similar support (the reference's result on its standard batch of contiguous identity
-            blocks, and still correct when blocks are misaligned, trap 9); ``"all"`` — sums all
+            blocks, and still correct when blocks are misaligned, docs/reference_quirks.md#q9); ``"all"`` — sums all
             negative supports (the reference's fallback).
 
     P_b is the *least* similar same-label support, the anchor's own support included.

@@ -1,6 +1,6 @@
-"""Cluster memory: one L2-normalised centroid per pseudo-identity (ALGORITHM.md §4.4, §6.1, §6.2).
+"""Cluster memory: one L2-normalised centroid per pseudo-identity (docs/method.md#memory).
 
-The memory is rebuilt from the cluster means at every re-clustering (trap 17) and is never
+The memory is rebuilt from the cluster means at every re-clustering (docs/reference_quirks.md#q17) and is never
 optimised. The contrastive loss reads it; the trainer writes it with an explicit,
 no-grad :meth:`ClusterMemory.update` after the backward pass. The reference does the same
 write inside a custom autograd backward; the result is identical because the update only
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import InvalidArgument
 
 MODES = ("hard", "ori")
 
@@ -25,9 +25,10 @@ class ClusterMemory(nn.Module):
         centroids: (M, D) initial centres; stored L2-normalised in the persistent buffer
             ``centroids`` (so ``.to()``, ``state_dict`` and DDP handle it).
         temperature: softmax temperature of the contrastive loss (reference 0.05).
-        momentum: weight of the OLD centre in ``c <- m*c + (1-m)*x`` (trap 7).
+        momentum: weight of the OLD centre in ``c <- m*c + (1-m)*x`` (docs/reference_quirks.md#q7).
         mode: ``"hard"`` — one update per label with its least similar row of the batch
-            (Market); ``"ori"`` — every row in batch order, sequentially (MSMT) (trap 6).
+            (Market); ``"ori"`` — every row in batch order, sequentially (MSMT)
+            (docs/reference_quirks.md#q6).
     """
 
     centroids: torch.Tensor
@@ -38,11 +39,11 @@ class ClusterMemory(nn.Module):
         if centroids.dim() != 2 or centroids.shape[0] < 1:
             raise ValueError(f"centroids must be a non-empty (M, D) tensor, got shape {tuple(centroids.shape)}")
         if mode not in MODES:
-            raise ConfigError(f"unknown memory mode {mode!r}; choose one of {', '.join(MODES)}")
+            raise InvalidArgument(f"unknown memory mode {mode!r}; choose one of {', '.join(MODES)}")
         if temperature <= 0:
-            raise ConfigError(f"memory temperature must be positive, got {temperature}")
+            raise InvalidArgument(f"memory temperature must be positive, got {temperature}")
         if not 0.0 <= momentum <= 1.0:
-            raise ConfigError(f"memory momentum must be in [0, 1], got {momentum}")
+            raise InvalidArgument(f"memory momentum must be in [0, 1], got {momentum}")
         self.temperature = float(temperature)
         self.momentum = float(momentum)
         self.mode = mode

@@ -1,19 +1,27 @@
 """Small shared helpers: atomic file writes, seeding, device selection."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import secrets
 import signal
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 import torch
 
+#: Features, distances or labels: a NumPy array or a torch tensor (on any device).
+ArrayLike = Union[np.ndarray, torch.Tensor]
 
 FAILPOINT_ENV = "ISEREID_FAILPOINT"
+
+
+def counts_to_indptr(counts: np.ndarray) -> np.ndarray:
+    """CSR row pointer of per-row entry ``counts`` (n,) -> (n + 1,): ``[0, c0, c0 + c1, ...]``."""
+    return np.concatenate([[0], np.cumsum(counts)])
 
 
 def failpoint(name: str) -> None:
@@ -30,25 +38,33 @@ def failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write a file atomically: ``write(fileobj)`` into a temp file in the same folder,
-    fsync, then ``os.replace`` it onto ``path``. A reader never sees a half-written file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temp path next to ``path`` for a writer that wants a file name (``torch.onnx.export``,
+    ``savefig``); on a clean exit the file is fsynced and ``os.replace``-d onto ``path``, on any
+    exception it is removed. A reader never sees a half-written file, and no temp file is left.
+
+    ``suffix`` ends the temp name (e.g. ``".tmp.png"`` for writers that infer the format from it).
+    The temp file is created by the writer, so it gets the usual permissions (umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            failpoint("checkpoint_write")
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write a file atomically: ``write(fileobj)`` into a temp file in the same folder, then
+    replace ``path`` with it (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        write(f)
+        failpoint("checkpoint_write")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

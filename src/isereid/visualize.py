@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from .utils import atomic_path
+
 CELL_H, CELL_W, BORDER, GAP, LABEL_H = 128, 64, 4, 6, 16
 GREEN, RED, GREY, BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (40, 90, 210)
 
@@ -54,10 +56,8 @@ def draw_rank_rows(rows: Sequence[RankRow], output: str | Path) -> Path:
             canvas.paste(_cell(path, colour), (x, y))
             draw.text((x, y + CELL_H + 2), f"{j + 1}: {dist:.3f}", fill=colour)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.png")
-    canvas.save(tmp)
-    tmp.replace(output)
+    with atomic_path(output, suffix=".tmp.png") as tmp:  # PIL picks the format from the suffix
+        canvas.save(tmp)
     return output
 
 

@@ -1,4 +1,4 @@
-"""Pseudo-labels: exact kNN, sparse k-reciprocal Jaccard distance and DBSCAN (ALGORITHM.md §4).
+"""Pseudo-labels: exact kNN, sparse k-reciprocal Jaccard distance and DBSCAN (docs/method.md#pseudo-labels).
 
 The reference builds three dense N x N float32 matrices; this package keeps everything
 O(N * k) in memory and produces the same distances and the same DBSCAN partition.

@@ -1,4 +1,4 @@
-"""DBSCAN on the sparse Jaccard graph, equal to DBSCAN on the dense matrix (ALGORITHM.md §4.3).
+"""DBSCAN on the sparse Jaccard graph, equal to DBSCAN on the dense matrix (docs/method.md#dbscan).
 
 The reference runs ``sklearn.cluster.DBSCAN(eps, min_samples, metric="precomputed")`` on the
 dense N x N float32 Jaccard matrix. Here the same estimator gets a sparse CSR graph instead:
@@ -26,9 +26,10 @@ import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 from sklearn.exceptions import EfficiencyWarning
 
-from ..errors import ConfigError
+from ..errors import InvalidArgument
+from ..utils import ArrayLike, counts_to_indptr
 from .jaccard import jaccard_upper, mirror
-from .knn import ArrayLike, as_features, check_positive_int
+from .knn import as_features, check_positive_int
 
 
 def jaccard_dbscan(features: ArrayLike, eps: float, k1: int = 30, k2: int = 6, min_samples: int = 4, *,
@@ -46,7 +47,7 @@ def jaccard_dbscan(features: ArrayLike, eps: float, k1: int = 30, k2: int = 6, m
         (N,) int64 labels: -1 for outliers, clusters numbered 0..C-1 in sklearn's order.
     """
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
-        raise ConfigError(f"eps must be a finite number > 0, got {eps!r}")
+        raise InvalidArgument(f"eps must be a finite number > 0, got {eps!r}")
     eps = float(eps)  # a Python float, as the reference passes: sklearn then compares in float32
     min_samples = check_positive_int(min_samples, "min_samples")
     k1 = check_positive_int(k1, "k1")
@@ -85,5 +86,5 @@ def eps_graph(dist: sp.csr_matrix, eps: float) -> sp.csr_matrix:
     cols = np.concatenate([cols[keep], np.arange(n)])
     data = np.concatenate([data[keep], diag]).astype(np.float32)
     order = np.lexsort((cols, data, rows))
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
+    indptr = counts_to_indptr(np.bincount(rows, minlength=n))
     return sp.csr_matrix((data[order], cols[order], indptr), shape=(n, n))

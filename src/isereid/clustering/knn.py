@@ -1,4 +1,4 @@
-"""Exact k-nearest-neighbour search for unit-norm features (ALGORITHM.md §4.2 step 1).
+"""Exact k-nearest-neighbour search for unit-norm features (docs/method.md#jaccard, step 1).
 
 The ranking distance is d_ij = 2 - 2<x_i, x_j> in float32, the squared Euclidean distance
 of unit vectors. The distance matrix is formed block by block with a matmul on the features'
@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import logging
 import numbers
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import InvalidArgument, MissingDependency
+from ..utils import ArrayLike
 
 logger = logging.getLogger("isereid")
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+KNN_BACKENDS = ("torch", "faiss")
 
 #: Default rows per block: a (2048, 2048) float32 block is 16 MB and keeps the CPU matmul
 #: near its peak; accelerators get larger blocks for more parallel work.
@@ -43,27 +44,27 @@ def as_features(features: ArrayLike) -> torch.Tensor:
     if isinstance(features, torch.Tensor):
         x = features.detach()
         if x.is_complex() or x.dtype == torch.bool:
-            raise ConfigError(f"features must be real numbers, got dtype {x.dtype}")
+            raise InvalidArgument(f"features must be real numbers, got dtype {x.dtype}")
         x = x.to(torch.float32)
     elif isinstance(features, np.ndarray):
         if not (np.issubdtype(features.dtype, np.floating) or np.issubdtype(features.dtype, np.integer)):
-            raise ConfigError(f"features must be real numbers, got dtype {features.dtype}")
+            raise InvalidArgument(f"features must be real numbers, got dtype {features.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     else:
-        raise ConfigError(f"features must be a numpy array or a torch tensor, got {type(features).__name__}")
+        raise InvalidArgument(f"features must be a numpy array or a torch tensor, got {type(features).__name__}")
     if x.dim() != 2:
-        raise ConfigError(f"features must be a 2-D (N, D) array, got shape {tuple(x.shape)}")
+        raise InvalidArgument(f"features must be a 2-D (N, D) array, got shape {tuple(x.shape)}")
     if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ConfigError(f"features must have at least one row and one column, got shape {tuple(x.shape)}")
+        raise InvalidArgument(f"features must have at least one row and one column, got shape {tuple(x.shape)}")
     if not all(bool(torch.isfinite(extreme)) for extreme in torch.aminmax(x)):  # NaN propagates
-        raise ConfigError("features contain NaN or infinite values")
+        raise InvalidArgument("features contain NaN or infinite values")
     return x.contiguous()
 
 
 def check_positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an int, or raise ConfigError unless it is an integer >= 1."""
+    """Return ``value`` as an int, or raise InvalidArgument unless it is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        raise InvalidArgument(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
 
@@ -91,7 +92,7 @@ def exact_knn(features: ArrayLike, k: int, *, backend: str = "torch",
     if backend == "faiss":
         return _faiss_knn(x, k)
     if backend != "torch":
-        raise ConfigError(f"unknown kNN backend {backend!r}; expected 'torch' or 'faiss'")
+        raise InvalidArgument(f"unknown kNN backend {backend!r}; expected {' or '.join(map(repr, KNN_BACKENDS))}")
     if block_size is None:
         block_size = _DEFAULT_BLOCK_CPU if x.device.type == "cpu" else _DEFAULT_BLOCK_ACCELERATOR
     block_size = check_positive_int(block_size, "block_size")
@@ -227,8 +228,8 @@ def _faiss_knn(x: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
     try:
         import faiss  # type: ignore[import-not-found]
     except ImportError:
-        raise ConfigError("cluster.knn_backend='faiss' needs the faiss package "
-                          "(pip install 'isereid[faiss]'), or use knn_backend='torch'") from None
+        raise MissingDependency("cluster.knn_backend='faiss' needs the faiss package "
+                                "(pip install 'isereid[faiss]'), or use knn_backend='torch'") from None
     data = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
     index = faiss.IndexFlatL2(data.shape[1])
     index.add(data)

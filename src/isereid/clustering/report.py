@@ -1,5 +1,12 @@
-"""Summary of a pseudo-label partition: cluster counts, size histogram and, when the true
-identities are known, NMI / ARI / purity against them.
+"""Summary of a pseudo-label partition: cluster counts, size histogram, how many clusters span
+several cameras (from camera ids alone, no ground truth needed) and, when the true identities
+are known, NMI / ARI / purity against them.
+
+Re-identification means matching a person *across* cameras, so clusters that each hold one
+camera's images teach the network the wrong thing even when they are pure. The camera shares
+are therefore the first thing to read: ``cross_camera_clusters`` is the fraction of clusters
+with images from at least two cameras, ``cross_camera_images`` the fraction of clustered images
+that sit in such clusters.
 
 NMI and ARI (sklearn.metrics) are computed over all points, each outlier (-1) counted as its
 own singleton cluster, so discarding images is penalised. Purity is the fraction of clustered
@@ -30,12 +37,16 @@ class ClusteringReport:
     nmi: Optional[float] = None
     ari: Optional[float] = None
     purity: Optional[float] = None
+    cross_camera_clusters: Optional[float] = None
+    cross_camera_images: Optional[float] = None
 
     def to_dict(self) -> dict:
-        """JSON-serialisable dict with keys num_clusters, num_outliers, histogram, nmi, ari, purity."""
+        """JSON-serialisable dict with keys num_clusters, num_outliers, histogram, nmi, ari, purity,
+        cross_camera_clusters, cross_camera_images."""
         return {"num_clusters": self.num_clusters, "num_outliers": self.num_outliers,
                 "histogram": dict(self.size_histogram), "nmi": self.nmi, "ari": self.ari,
-                "purity": self.purity}
+                "purity": self.purity, "cross_camera_clusters": self.cross_camera_clusters,
+                "cross_camera_images": self.cross_camera_images}
 
 
 def size_histogram(sizes: np.ndarray) -> Dict[str, int]:
@@ -51,21 +62,50 @@ def size_histogram(sizes: np.ndarray) -> Dict[str, int]:
     return hist
 
 
-def cluster_report(labels: np.ndarray, true_labels: Optional[np.ndarray] = None) -> ClusteringReport:
+def camera_spread(labels: np.ndarray, cameras: np.ndarray) -> tuple[float, float]:
+    """``(cross_camera_clusters, cross_camera_images)`` of a clustering.
+
+    Args:
+        labels: (N,) cluster labels, -1 for outliers (ignored).
+        cameras: (N,) camera ids.
+    Returns the fraction of clusters holding images of >= 2 cameras and the fraction of
+    clustered images in such clusters (0.0 and 0.0 when nothing is clustered)."""
+    labels = np.asarray(labels).astype(np.int64, copy=False).ravel()
+    cameras = np.asarray(cameras).astype(np.int64, copy=False).ravel()
+    if cameras.shape != labels.shape:
+        raise ClusteringError(f"cameras has {cameras.size} entries but labels has {labels.size}")
+    clustered = labels >= 0
+    if not clustered.any():
+        return 0.0, 0.0
+    pairs = np.unique(np.stack([labels[clustered], cameras[clustered]]), axis=1)  # distinct (cluster, camera)
+    cams_per_cluster = np.bincount(pairs[0], minlength=int(labels.max()) + 1)
+    present = np.bincount(labels[clustered], minlength=cams_per_cluster.size) > 0
+    multi = cams_per_cluster >= 2
+    share_clusters = float(multi[present].mean())
+    share_images = float(multi[labels[clustered]].mean())
+    return share_clusters, share_images
+
+
+def cluster_report(labels: np.ndarray, true_labels: Optional[np.ndarray] = None,
+                   cameras: Optional[np.ndarray] = None) -> ClusteringReport:
     """Describe a clustering.
 
     Args:
         labels: (N,) integer cluster labels, -1 for outliers.
         true_labels: optional (N,) ground-truth identities for NMI, ARI and purity.
+        cameras: optional (N,) camera ids for the cross-camera shares (:func:`camera_spread`).
 
     Returns:
-        A :class:`ClusteringReport`; nmi, ari and purity are None without ``true_labels``."""
+        A :class:`ClusteringReport`; nmi, ari and purity are None without ``true_labels``, the
+        camera shares None without ``cameras``."""
     labels = np.asarray(labels).astype(np.int64, copy=False).ravel()
     clustered = labels >= 0
     sizes = np.bincount(labels[clustered]) if clustered.any() else np.zeros(0, np.int64)
     sizes = sizes[sizes > 0]
     report = ClusteringReport(num_clusters=int(sizes.size), num_outliers=int((~clustered).sum()),
                               size_histogram=size_histogram(sizes))
+    if cameras is not None:
+        report.cross_camera_clusters, report.cross_camera_images = camera_spread(labels, cameras)
     if true_labels is None:
         return report
     truth = np.asarray(true_labels).ravel()

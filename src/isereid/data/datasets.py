@@ -1,4 +1,4 @@
-"""Dataset folders -> lists of ``Sample(path, pid, camid)`` (ALGORITHM.md §3.1).
+"""Dataset folders -> lists of ``Sample(path, pid, camid)`` (docs/method.md#datasets).
 
 Supported layouts (``build_dataset(name, root)``):
 
@@ -19,7 +19,7 @@ Supported layouts (``build_dataset(name, root)``):
 * ``folder``: Market-style named folders (labeled), or any folder of images (unlabeled,
   searched recursively, pid -1; train only).
 
-Differences from the reference (trap 18): names are parsed from the **basename**, not the
+Differences from the reference (docs/reference_quirks.md#q18): names are parsed from the **basename**, not the
 full path, and MSMT17 is also read from the official list files.  Everything else is as the
 reference: junk (pid -1) is dropped from every split, distractors (pid 0) are kept,
 cameras are 0-based, and every list is sorted by path.
@@ -38,7 +38,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 DATASET_NAMES = ("market1501", "msmt17", "dukemtmc", "folder", "demo")
 MARKET_SPLITS = ("bounding_box_train", "query", "bounding_box_test")
 
-# Reference regexes (ALGORITHM.md §3.1), applied with ``search`` to the basename.
+# Reference regexes (docs/method.md#datasets), applied with ``search`` to the basename.
 MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 MULTI_CAM_PATTERN = re.compile(r"([-\d]+)_c(\d+)")
 

@@ -52,6 +52,12 @@ def _is_readable(path: str) -> bool:
         return False
 
 
+def name_paths(paths: Sequence[str], limit: int = 3) -> str:
+    """``"a.jpg, b.jpg, c.jpg and 4 more"``: the first ``limit`` paths, then how many others."""
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
 def check_images(samples: Sequence, max_bad_fraction: float, workers: Optional[int] = None):
     """Decode every sample's image; return ``(good_samples, bad_paths)`` in input order.
 
@@ -77,7 +83,8 @@ def check_images(samples: Sequence, max_bad_fraction: float, workers: Optional[i
     bad = [p for p, flag in zip(paths, ok) if not flag]
     if bad and len(bad) / len(samples) > max_bad_fraction:
         raise DatasetError(
-            f"{len(bad)} of {len(samples)} images are unreadable ({len(bad) / len(samples):.1%}), e.g. {bad[0]}; "
+            f"{len(bad)} of {len(samples)} images are unreadable ({len(bad) / len(samples):.1%}): "
+            f"{name_paths(bad)}; "
             f"fix or remove them, or raise data.max_bad_fraction (now {max_bad_fraction})"
         )
     return good, bad

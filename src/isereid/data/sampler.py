@@ -1,5 +1,5 @@
 """Identity-balanced batches: the reference RandomMultipleGallerySampler + IterLoader
-(ALGORITHM.md §3.3-3.4, trap 15), computed up front as an index matrix.
+(docs/method.md#sampler, docs/reference_quirks.md#q15), computed up front as an index matrix.
 
 Randomness: the reference draws from three global RNGs (``torch.randperm`` for the cluster
 order, python ``random.choice`` for the anchor, ``np.random.choice`` for the companions).

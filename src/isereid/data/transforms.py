@@ -1,4 +1,4 @@
-"""Train / test image transforms of the reference (ALGORITHM.md §3.2, trap 16)."""
+"""Train / test image transforms of the reference (docs/method.md#transforms, docs/reference_quirks.md#q16)."""
 from __future__ import annotations
 
 import math
@@ -23,7 +23,8 @@ class ReferenceRandomErasing:
     aspect))``; the first box with ``w < W`` and ``h < H`` is placed at ``top = randint(0, H - h)``,
     ``left = randint(0, W - w)`` (both inclusive) and channel c is filled with ``value[c]``.
 
-    Trap 16: the reference fills with 0.485/0.456/0.406 in *normalised* space (``value``).
+    Fill values: the reference uses 0.485/0.456/0.406 in *normalised* space (``value``;
+    docs/reference_quirks.md#q16).
     Randomness: like the reference, python's ``random`` module (seeded by torch in each
     DataLoader worker, and saved/restored with the other RNG states on resume); pass
     ``rng=random.Random(seed)`` for a private stream. The draws are made in exactly the

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..models.checkpoint import safe_load
+from ..models.state_io import safe_load
 from ..utils import atomic_torch_save
 
 FORMAT = "isereid-checkpoint"

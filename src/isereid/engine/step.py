@@ -1,4 +1,4 @@
-"""The losses of one ISE iteration on a (global) batch of features (ALGORITHM.md §1.7, §5, §6).
+"""The losses of one ISE iteration on a (global) batch of features (docs/method.md#training-loop, #supports, #losses).
 
 Kept apart from the trainer so that one iteration can be tested against a hand-written
 step, and so that the single-process and distributed paths share it.
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..camera import CameraProxyMemory
 from ..config import ISEConfig, MemoryConfig
 from ..ise import support_samples
 from ..losses import label_preserving_loss
@@ -64,3 +65,23 @@ def ise_losses(
     else:
         mem_inputs, mem_labels = features, labels
     return StepLosses(total, contrastive.detach(), lp.detach(), mem_inputs.detach(), mem_labels)
+
+
+@dataclass
+class CameraLosses:
+    total: torch.Tensor  # scalar, with grad: w_intra·L_intra + w_inter·L_inter
+    intra: torch.Tensor  # scalar, detached
+    inter: torch.Tensor  # scalar, detached
+
+
+def camera_losses(features: torch.Tensor, labels: torch.Tensor, camids: torch.Tensor,
+                  memory: CameraProxyMemory, memory_cfg: MemoryConfig) -> CameraLosses:
+    """The camera-aware terms (docs/camera_aware.md) on the real samples f (B, D) only.
+
+    Supports stay out: they interpolate between identities in the cluster memory and have no camera."""
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    intra = memory.intra_loss(features, labels, camids)
+    inter = memory.inter_loss(features, labels, camids)
+    total = memory_cfg.camera_intra_weight * intra + memory_cfg.camera_inter_weight * inter
+    return CameraLosses(total, intra.detach(), inter.detach())

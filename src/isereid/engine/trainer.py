@@ -1,4 +1,4 @@
-"""The ISE training loop (ALGORITHM.md §1), reading like the algorithm.
+"""The ISE training loop (docs/method.md#training-loop), reading like the algorithm.
 
     for each epoch:
         features  <- extract(train images)                 (eval mode, test transform)
@@ -21,7 +21,6 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -31,24 +30,29 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..camera import CameraProxyMemory, camera_normalize
 from ..clustering import cluster_report, jaccard_dbscan
 from ..config import Config, to_dict, to_yaml
 from ..data.datasets import ReidDataset
 from ..data.images import ImageDataset
+from ..data.loader import make_loader
 from ..data.sampler import BatchListSampler, epoch_batches
 from ..data.transforms import build_test_transform, build_train_transform
+from ..distributed import DistContext, gather_with_grad
 from ..errors import CheckpointError, ClusteringError, ConfigError, TrainingDiverged
-from ..evaluation.evaluator import evaluate_model
 from ..features import extract_features
 from ..ise import interpolation_weight
 from ..memory import ClusterMemory
 from ..models import build_model, trainable_parameters
 from ..utils import atomic_write_text, failpoint
 from . import checkpoint as ckpt
-from .distributed import DistContext, gather_with_grad
-from .step import ise_losses
+from .evaluate import evaluate_model
+from .step import camera_losses, ise_losses
 
 log = logging.getLogger("isereid")
+
+# Below this share of clusters spanning >= 2 cameras the log warns that pseudo-labels are camera-pure.
+CAMERA_PURE_WARNING = 0.2
 
 # Config sections that must match for a run folder to be resumed.
 _RESUME_MUST_MATCH = ("model", "data", "cluster", "memory", "ise", "optim")
@@ -78,13 +82,21 @@ class Trainer:
                                           weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.optim.step_size,
                                                          gamma=cfg.optim.gamma)
-        self.amp = cfg.train.amp if cfg.train.amp is not None else self.device.type == "cuda"
+        self.amp = bool(cfg.train.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
 
         # Training images sorted by path: the order of features, pseudo-labels and memory.
         self.train_samples = sorted(dataset.train, key=lambda s: s.path)
         true_pids = np.array([s.pid for s in self.train_samples])
         self.true_pids = true_pids if len(true_pids) and (true_pids >= 0).all() else None
+        self.camids = np.array([s.camid for s in self.train_samples], dtype=np.int64)
+        if (cfg.memory.camera_aware or cfg.cluster.camera_norm) and len(np.unique(self.camids)) < 2:
+            raise ConfigError(f"memory.camera_aware / cluster.camera_norm need images from two or more cameras; "
+                              f"the training images of {dataset.name} have a single camera id (or none)")
+        self.camera_memory: Optional[CameraProxyMemory] = None
+        if cfg.train.supervised and self.true_pids is None:
+            raise ConfigError("train.supervised=true needs identities in the training file names "
+                              f"(dataset {dataset.name} has none)")
         self.memory: Optional[ClusterMemory] = None
         self.pseudo_labels: Optional[np.ndarray] = None  # (N,) with -1 for outliers
         self.history: list[dict] = []
@@ -161,20 +173,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ pseudo-labels
     def update_pseudo_labels(self, epoch: int) -> dict:
-        """Cluster the current training features and rebuild the memory (ALGORITHM.md §1.5.1-4)."""
+        """Cluster the current training features and rebuild the memory (docs/method.md#pseudo-labels)."""
         cfg = self.cfg
         paths = [s.path for s in self.train_samples]
         features = extract_features(
             self.model, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
             workers=cfg.data.workers, device=self.device, progress=cfg.train.progress,
             desc=f"epoch {epoch + 1} features", dist_ctx=self.ctx, channels_last=cfg.model.channels_last,
-            amp=self.amp,
-        )
+        )  # fp32, as evaluation features: one precision for clustering and evaluation
         labels = None
         if self.ctx.is_main:
             failpoint("clustering")
-            labels = jaccard_dbscan(features, eps=cfg.cluster.eps, k1=cfg.cluster.k1, k2=cfg.cluster.k2,
-                                    min_samples=cfg.cluster.min_samples, knn_backend=cfg.cluster.knn_backend)
+            if cfg.train.supervised:  # the ceiling: true identities in place of pseudo-labels
+                labels = np.unique(self.true_pids, return_inverse=True)[1].astype(np.int64).ravel()
+            else:
+                clustered = features
+                if cfg.cluster.camera_norm:
+                    clustered = camera_normalize(features, torch.as_tensor(self.camids))
+                labels = jaccard_dbscan(clustered, eps=cfg.cluster.eps, k1=cfg.cluster.k1, k2=cfg.cluster.k2,
+                                        min_samples=cfg.cluster.min_samples, knn_backend=cfg.cluster.knn_backend)
         labels = np.asarray(self.ctx.broadcast_object(labels), dtype=np.int64)
         num_clusters = int(labels.max()) + 1 if len(labels) else 0
         if num_clusters < 2:
@@ -188,9 +205,31 @@ class Trainer:
             features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
             temperature=cfg.memory.temperature, momentum=cfg.memory.momentum, mode=cfg.memory.mode,
         )
+        if cfg.memory.camera_aware:
+            self.camera_memory = CameraProxyMemory.from_features(
+                features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
+                torch.as_tensor(self.camids[keep], device=self.device), **self._camera_kwargs())
         self.pseudo_labels = labels
-        report = cluster_report(labels, self.true_pids)
+        report = cluster_report(labels, self.true_pids, self.camids)
+        self._warn_camera_pure(epoch, report)
         return {"cluster": report.to_dict(), **self._label_counts()}
+
+    def _warn_camera_pure(self, epoch: int, report) -> None:
+        """Clusters that each hold one camera's images teach within-camera matching, not re-ID."""
+        if not self.ctx.is_main or len(np.unique(self.camids)) < 2 or self.cfg.train.supervised:
+            return
+        share = report.cross_camera_clusters
+        if share is not None and share < CAMERA_PURE_WARNING:
+            hint = ("memory.camera_aware=true cluster.camera_norm=true" if not self.cfg.memory.camera_aware
+                    else "cluster.camera_norm=true or a larger cluster.eps")
+            log.warning("epoch %d: only %.0f%% of the %d clusters span two or more cameras: the pseudo-labels are "
+                        "camera-pure, so training learns to match people within one camera, not across cameras; "
+                        "try %s (see docs/camera_aware.md)", epoch + 1, 100 * share, report.num_clusters, hint)
+
+    def _camera_kwargs(self) -> dict:
+        m = self.cfg.memory
+        return {"temperature": m.camera_temperature, "momentum": m.camera_momentum,
+                "hard_negatives": m.camera_hard_negatives}
 
     def _label_counts(self) -> dict:
         labels = self.pseudo_labels
@@ -206,8 +245,8 @@ class Trainer:
         dataset = ImageDataset([self.train_samples[i].path for i in keep], build_train_transform(cfg.data),
                                labels=labels.tolist())
         sampler = BatchListSampler(batches, rank=self.ctx.rank, world_size=self.ctx.world_size)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        return make_loader(dataset, cfg.data.workers, batch_sampler=sampler,
+                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int) -> dict:
@@ -216,10 +255,15 @@ class Trainer:
         self.net.train()
         loader = self._epoch_loader(epoch)
         sums = {"loss": 0.0, "loss_cc": 0.0, "loss_lp": 0.0}
+        cam_memory = self.camera_memory if cfg.memory.camera_aware else None
+        if cam_memory is not None:
+            sums.update(loss_intra=0.0, loss_inter=0.0)
+        # Camera of each row of this epoch's dataset (the loader yields row indices).
+        epoch_cams = torch.as_tensor(self.camids[self.pseudo_labels >= 0], device=self.device)
         bar = tqdm(loader, total=cfg.optim.iters, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
                    disable=not (cfg.train.progress and self.ctx.is_main), unit="it")
         weight = 0.0
-        for i, (images, labels, _) in enumerate(bar):
+        for i, (images, labels, rows) in enumerate(bar):
             step = epoch * cfg.optim.iters + i
             weight = interpolation_weight(step, self.total_steps, cfg.ise.lambda_base)
             images = images.to(self.device, non_blocking=True)
@@ -231,6 +275,11 @@ class Trainer:
             features = gather_with_grad(local.float(), self.ctx)
             labels = self.ctx.all_gather(labels)
             losses = ise_losses(features, labels, memory, weight, cfg.ise, cfg.memory)
+            cam = None
+            if cam_memory is not None:
+                cams = self.ctx.all_gather(epoch_cams[rows.to(self.device)])
+                cam = camera_losses(features, labels, cams, cam_memory, cfg.memory)
+                losses.total = losses.total + cam.total
             if not torch.isfinite(losses.total):
                 raise TrainingDiverged(
                     f"loss became {losses.total.item()} at epoch {epoch + 1}, iteration {i + 1}; the last good "
@@ -242,13 +291,21 @@ class Trainer:
             if cfg.train.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            memory.update(losses.memory_inputs, losses.memory_labels)
+            # A step the gradient scaler skipped (inf/NaN gradients under AMP) must not move the
+            # memory either: the scale only shrinks when the step was skipped.
+            if scale is None or self.scaler.get_scale() >= scale:
+                memory.update(losses.memory_inputs, losses.memory_labels)
+                if cam is not None:
+                    cam_memory.update(features.detach(), labels, cams)
             failpoint("iteration")
 
             values = {"loss": losses.total.item(), "loss_cc": losses.contrastive.item(),
                       "loss_lp": losses.label_preserving.item()}
+            if cam is not None:
+                values.update(loss_intra=cam.intra.item(), loss_inter=cam.inter.item())
             for k, v in values.items():
                 sums[k] += v
             bar.set_postfix(loss=f"{values['loss']:.3f}")
@@ -288,6 +345,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "memory": self.memory.centroids.detach().cpu() if self.memory is not None else None,
+                "camera_memory": ({k: v.detach().cpu() for k, v in self.camera_memory.state_dict().items()}
+                                  if self.camera_memory is not None else None),
                 "pseudo_labels": torch.as_tensor(self.pseudo_labels) if self.pseudo_labels is not None else None,
                 "best_score": self.best_score,
                 "best_epoch": self.best_epoch,
@@ -321,8 +380,9 @@ class Trainer:
             if saved_cfg.get(section) != current[section]:
                 diff = sorted(k for k in current[section]
                               if saved_cfg.get(section, {}).get(k) != current[section][k])
+                keys = ", ".join(f"{section}.{k}" for k in diff)
                 raise CheckpointError(
-                    f"{path} belongs to a run with different {section} settings ({', '.join(f'{section}.{k}' for k in diff)}); "
+                    f"{path} belongs to a run with different {section} settings ({keys}); "
                     "use a new --output-dir or the original settings"
                 )
         try:
@@ -340,6 +400,11 @@ class Trainer:
             self.pseudo_labels = state["pseudo_labels"].numpy()
             self.memory = ClusterMemory(state["memory"].to(self.device), temperature=self.cfg.memory.temperature,
                                         momentum=self.cfg.memory.momentum, mode=self.cfg.memory.mode)
+        cam_state = state.get("camera_memory")
+        if cam_state is not None:
+            self.camera_memory = CameraProxyMemory(
+                cam_state["proxies"].to(self.device), cam_state["proxy_labels"].to(self.device),
+                cam_state["proxy_cams"].to(self.device), **self._camera_kwargs())
         ckpt.set_rng_state(state["rng"])
         if self.ctx.is_main:
             self._repair_best(state)
@@ -370,6 +435,9 @@ class Trainer:
                  f"loss {record['loss']:.4f}"]
         if "mAP" in record:
             parts.append(f"mAP {100 * record['mAP']:.1f}%  rank-1 {100 * record['rank1']:.1f}%")
+        cross = record.get("cluster", {}).get("cross_camera_clusters")
+        if cross is not None:
+            parts.append(f"cross-camera clusters {100 * cross:.0f}%")
         nmi = record.get("cluster", {}).get("nmi")
         if nmi is not None:
             parts.append(f"NMI {nmi:.3f}")
@@ -377,7 +445,8 @@ class Trainer:
         log.info("  ".join(parts))
         if self.writer is not None:
             step = record["epoch"]
-            for key in ("num_clusters", "num_outliers", "loss", "loss_cc", "loss_lp", "lr", "mAP", "rank1"):
+            for key in ("num_clusters", "num_outliers", "loss", "loss_cc", "loss_lp", "loss_intra", "loss_inter", "lr",
+                        "mAP", "rank1"):
                 if key in record:
                     self.writer.add_scalar(f"epoch/{key}", record[key], step)
             for key, value in record.get("cluster", {}).items():

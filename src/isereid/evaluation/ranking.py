@@ -1,6 +1,6 @@
 """Ranking metrics for re-ID retrieval: mAP and CMC under the Market-1501 protocol.
 
-Protocol (ALGORITHM.md §8.2-§8.3, parity trap 19), per query:
+Protocol (docs/method.md#ranking, docs/reference_quirks.md#q19), per query:
 
 * gallery entries with the same pid **and** the same camera are removed (junk);
 * a query with no remaining true match is skipped and counts nowhere;
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+from ..utils import ArrayLike
 
 # Elements of a (queries x gallery) block processed at once: about 10 bytes of temporaries per
 # element (the int32 bins, a few bool masks), so ~40 MB per block whatever the gallery size;
@@ -276,7 +276,7 @@ def evaluate_ranking(
 def pairwise_distance(
     query_features: ArrayLike, gallery_features: ArrayLike, chunk_size: Optional[int] = None
 ) -> torch.Tensor:
-    """Squared Euclidean distances ||q||^2 + ||g||^2 - 2<q, g> (float32, ALGORITHM.md §8.1).
+    """Squared Euclidean distances ||q||^2 + ||g||^2 - 2<q, g> (float32, docs/method.md#eval-features).
 
     Args:
         query_features: (Q, D); gallery_features: (G, D). NumPy arrays or tensors; a NumPy input

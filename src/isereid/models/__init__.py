@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .backbones import build_backbone
 from .batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, convert_batchnorm
-from .checkpoint import extract_state_dict, infer_model_config, load_model, safe_load
+from .loading import infer_model_config, load_model
 from .pooling import GeneralizedMeanPooling, build_pooling
 from .reid import ReidNet, build_model, trainable_parameters
+from .state_io import extract_state_dict, safe_load
 
 __all__ = [
     "ReidNet",

@@ -1,9 +1,10 @@
-"""Ghost batch norm: the reference's 4-GPU DataParallel BatchNorm on any device count (trap 14).
+"""Ghost batch norm: the reference's 4-GPU DataParallel BatchNorm on any device count
+(docs/reference_quirks.md#q14).
 
 ``nn.DataParallel`` on 4 GPUs splits the 256-sample batch into 4 consecutive chunks of 64 and
 every replica's BatchNorm normalises with the statistics of its own chunk; only the device-0
 replica writes its running statistics back, so they are updated from chunk 0 alone
-(ALGORITHM.md §7.1). :class:`GhostBatchNorm2d` / :class:`GhostBatchNorm1d` reproduce this in
+(docs/method.md#multi-gpu-bn). :class:`GhostBatchNorm2d` / :class:`GhostBatchNorm1d` reproduce this in
 one process: in train mode a batch larger than ``chunk`` is split along dim 0 into consecutive
 chunks of ``chunk`` samples, each normalised with its own (biased) batch statistics; the
 running statistics are updated from chunk 0 only, exactly as ``F.batch_norm`` with
@@ -34,11 +35,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import BN_MODES
 from ..errors import ConfigError
 
 log = logging.getLogger("isereid")
-
-BN_MODES = ("chunk", "sync", "plain")
 
 
 class _GhostMixin:

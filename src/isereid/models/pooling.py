@@ -1,13 +1,15 @@
-"""Global pooling heads: average pooling (ISE default) and GeM (Cluster Contrast default, trap 13)."""
+"""Global pooling heads: average pooling (ISE default) and GeM (Cluster Contrast default).
+
+See docs/reference_quirks.md#q13.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import POOLINGS
 from ..errors import ConfigError
-
-POOLINGS = ("avg", "gem")
 
 
 class GeneralizedMeanPooling(nn.Module):

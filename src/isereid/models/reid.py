@@ -1,4 +1,4 @@
-"""The re-ID network of ALGORITHM.md §2: ResNet trunk -> pooling -> BatchNorm1d -> L2 norm."""
+"""The re-ID network of docs/method.md#model: ResNet trunk -> pooling -> BatchNorm1d -> L2 norm."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +16,7 @@ class ReidNet(nn.Module):
     (BatchNorm1d, bias frozen at 0).
 
     ``forward`` returns only the L2-normalised post-BN feature, in train and eval mode alike
-    (trap 12: the reference returns a tuple whose second element no caller uses);
+    (docs/reference_quirks.md#q12: the reference returns a tuple whose second element no caller uses);
     :meth:`forward_with_pooled` also returns the pooled pre-BN feature.
     """
 

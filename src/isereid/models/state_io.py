@@ -1,4 +1,5 @@
-"""Reading checkpoints safely: isereid's own and the reference's ``.pth.tar`` (ALGORITHM.md §2.3, §11).
+"""State-dict I/O with no dependency on the network code: :func:`safe_load`, :func:`extract_state_dict`
+and :func:`load_state_strict` (docs/method.md#state-dict, docs/reference_quirks.md#q27).
 
 Everything goes through :func:`safe_load`, i.e. ``torch.load(weights_only=True)``: tensors,
 plain Python containers and numbers, plus exactly the NumPy globals needed to rebuild NumPy
@@ -8,7 +9,6 @@ unpickled, so a malicious file cannot run code.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import pickle
 import re
 import warnings
@@ -19,9 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from ..errors import CheckpointError
-from .backbones import ARCHS
 
 
 def _numpy_scalar_globals() -> list:
@@ -113,50 +111,6 @@ def extract_state_dict(obj: Any) -> "OrderedDict[str, torch.Tensor]":
     return out
 
 
-def _stage_blocks(state: Mapping[str, torch.Tensor], stage: int) -> int:
-    pattern = re.compile(rf"^base\.{stage}\.(\d+)\.")
-    idx = {int(m.group(1)) for k in state for m in [pattern.match(k)] if m}
-    return max(idx) + 1 if idx else 0
-
-
-def infer_model_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
-    """The :class:`ModelConfig` of a reference-layout state dict (no ``module.`` prefix): arch from
-    the block type and counts of ``base.4``-``base.7`` (and widths for ResNeXt / wide ResNets),
-    pooling ``gem`` when ``gap.p`` is present.
-
-    A damaged or foreign state dict gets the *nearest* architecture (fewest differing blocks), so
-    that the strict load in :func:`load_model` can name the missing and unexpected keys.
-    """
-    blocks = tuple(_stage_blocks(state, s) for s in (4, 5, 6, 7))
-    if "base.0.weight" not in state or 0 in blocks:
-        raise CheckpointError("the state dict is not in the ResNet re-ID layout (keys base.0.weight, "
-                              f"base.4.* ... base.7.*, feat_bn.*); first keys: {', '.join(list(state)[:3])}")
-    kind = "bottleneck" if "base.4.0.conv3.weight" in state else "basic"
-    width = groups_in = None
-    if kind == "bottleneck" and "base.4.0.conv2.weight" in state:
-        w = state["base.4.0.conv2.weight"]
-        width, groups_in = int(w.shape[0]), int(w.shape[1])
-
-    def distance(arch: str) -> int:
-        block, layers, groups, wpg = ARCHS[arch]
-        d = sum(abs(a - b) for a, b in zip(layers, blocks))
-        if block != kind:
-            d += 1000
-        elif kind == "bottleneck" and (width, groups_in) != (groups * wpg, wpg):
-            d += 100
-        return d
-
-    arch = min(ARCHS, key=distance)  # ties: the first listed (plain ResNets come first)
-    return ModelConfig(arch=arch, pretrained=False, pretrained_path=None,
-                       pooling="gem" if "gap.p" in state else "avg", bn_mode="plain")
-
-
-def _config_from_dict(stored: Mapping[str, Any]) -> ModelConfig:
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in stored.items() if k in names})
-    return dataclasses.replace(cfg, pretrained=False, pretrained_path=None, bn_mode="plain")
-
-
 def _short(keys: list[str], n: int = 4) -> str:
     return f"{', '.join(keys[:n])}{', ...' if len(keys) > n else ''} ({len(keys)})"
 
@@ -178,31 +132,3 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {source} does not match {label}: {_first_line(e)}") from None
-
-
-def load_model(path, map_location: Any = "cpu") -> nn.Module:
-    """The re-ID network stored in ``path`` (isereid checkpoint or reference ``.pth.tar``), in eval mode.
-
-    isereid checkpoints are rebuilt from their ``model_config``; other files from the layout of
-    their state dict (:func:`infer_model_config`). Loading is strict.
-    """
-    from .reid import build_model
-
-    obj = safe_load(path, map_location=map_location)
-    try:
-        state = extract_state_dict(obj)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    stored = obj.get("model_config") if isinstance(obj, Mapping) else None
-    try:
-        cfg = _config_from_dict(stored) if isinstance(stored, Mapping) else infer_model_config(state)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except Exception as e:  # bad values in a stored model_config
-        raise CheckpointError(f"{path}: unusable model_config ({_first_line(e)})") from None
-    model = build_model(cfg)
-    load_state_strict(model, state, str(path), f"{cfg.arch}/{cfg.pooling}")
-    device = map_location if isinstance(map_location, (str, torch.device)) else None
-    if device is not None:
-        model = model.to(device)
-    return model.eval()

@@ -1,4 +1,4 @@
-"""Evaluate a model on a dataset's query/gallery split (ALGORITHM.md §8)."""
+"""Evaluate a model on a dataset's query/gallery split (docs/method.md#evaluation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,11 +11,11 @@ from torch import nn
 from ..config import Config
 from ..data.datasets import ReidDataset
 from ..data.transforms import build_test_transform
-from ..engine.distributed import DistContext
+from ..distributed import DistContext
 from ..errors import DatasetError
+from ..evaluation.ranking import RankingResult, evaluate_ranking, pairwise_distance
+from ..evaluation.rerank import re_ranking
 from ..features import extract_features
-from .ranking import RankingResult, evaluate_ranking, pairwise_distance
-from .rerank import re_ranking
 
 
 @dataclass

@@ -1,0 +1,179 @@
+"""Accuracy on real crops: direct transfer, the ISE ablations, camera-aware ISE and the supervised ceiling.
+
+    python benchmarks/accuracy.py --data-root ../shared/data/cuhk03-dev --config cpu --seeds 2 \\
+        --variants direct,ise,camera_aware,supervised --output acc.json model.pretrained_path=mnv2.pt
+
+Each variant runs the real command line (``isereid train`` / ``isereid test``) in its own run
+folder under ``--work-dir``, once per seed (``seed=1..N``), and is scored by the metrics of its
+**last** epoch (not the best one: choosing the epoch on the test set flatters, see
+docs/reference_quirks.md). Variants:
+
+* ``direct``: no training, the configured (pretrained) backbone as it is;
+* ``baseline``: plain Cluster Contrast (``ise.pil=false ise.lp=false``);
+* ``pil`` / ``lp``: ISE with only the support samples in the contrastive loss / only the LP loss;
+* ``ise``: the preset (both);
+* ``camera_aware``: ISE + camera-aware proxies + camera-mean normalisation before clustering;
+* ``supervised``: the same trainer and budget, with the true identities of the file names as labels:
+  the ceiling pseudo-labels can reach. ``label efficiency`` = variant mAP / supervised mAP.
+* ``NAME`` defined with ``--define NAME="key=value key=value"``.
+
+A run folder that already holds a finished run is reused (re-running the benchmark resumes).
+Prints a markdown table; ``--output`` writes ``{"rows": [...], "command": ..., ...}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "direct": None,
+    "baseline": ["ise.pil=false", "ise.lp=false"],
+    "pil": ["ise.lp=false"],
+    "lp": ["ise.pil=false"],
+    "ise": [],
+    "camera_aware": ["memory.camera_aware=true", "cluster.camera_norm=true"],
+    "supervised": ["train.supervised=true"],
+}
+
+
+def _isereid() -> list[str]:
+    return [sys.executable, "-m", "isereid"]
+
+
+def _run(cmd: list[str], log_path: Path) -> float:
+    started = time.time()
+    with open(log_path, "a") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["?"]
+        raise SystemExit(f"accuracy.py: command failed ({proc.returncode}): {shlex.join(cmd)}: {tail[0]}")
+    return time.time() - started
+
+
+def run_one(variant: str, extra: list[str], seed: int, args, overrides: list[str]) -> dict:
+    """One variant, one seed -> {"mAP", "rank1", "seconds", "cross_camera_clusters", "nmi", ...}."""
+    folder = Path(args.work_dir) / f"{variant}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = ["--config", args.config, "--data-root", args.data_root]
+    settings = ["train.progress=false", f"seed={seed}", *overrides]  # positional key=value arguments last
+    if extra is None:  # direct transfer: evaluate the configured backbone
+        out = folder / "test.json"
+        seconds = None
+        if not out.exists():
+            seconds = _run(_isereid() + ["test", *base, "--json", str(out), *settings], folder / "log.txt")
+        result = json.loads(out.read_text())
+        cached = folder / "seconds.txt"
+        if seconds is not None:
+            cached.write_text(f"{seconds:.1f}")
+        return {"mAP": result["mAP"], "rank1": result["rank1"],
+                "seconds": float(cached.read_text()) if cached.exists() else None}
+    metrics = folder / "run" / "metrics.jsonl"
+    done = folder / "seconds.txt"
+    if not done.exists():
+        seconds = _run(_isereid() + ["train", *base, "--output-dir", str(folder / "run"), *settings, *extra],
+                       folder / "log.txt")
+        done.write_text(f"{seconds:.1f}")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    last = records[-1]
+    cluster = last.get("cluster") or {}
+    return {"mAP": last["mAP"], "rank1": last["rank1"], "seconds": float(done.read_text()),
+            "epochs": last["epoch"], "num_clusters": last["num_clusters"],
+            "cross_camera_clusters": cluster.get("cross_camera_clusters"),
+            "cross_camera_images": cluster.get("cross_camera_images"), "nmi": cluster.get("nmi"),
+            "curve": [{"epoch": r["epoch"], "mAP": r.get("mAP"), "rank1": r.get("rank1"),
+                       "cross_camera_clusters": (r.get("cluster") or {}).get("cross_camera_clusters"),
+                       "nmi": (r.get("cluster") or {}).get("nmi")} for r in records]}
+
+
+def _mean_std(values: list) -> tuple:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(variant: str, runs: list[dict]) -> dict:
+    row = {"variant": variant, "seeds": len(runs), "runs": runs}
+    for key in ("mAP", "rank1", "cross_camera_clusters", "nmi", "seconds"):
+        row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r.get(key) for r in runs])
+    row["seconds"] = row["seconds_mean"]
+    return row
+
+
+def _pct(mean, std) -> str:
+    return "–" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    sup = next((r["mAP_mean"] for r in rows if r["variant"] == "supervised"), None)
+    lines = ["| variant | mAP % | rank-1 % | label efficiency | clusters spanning ≥2 cameras % | NMI | "
+             "minutes / run | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eff = f"{r['mAP_mean'] / sup:.2f}" if sup and r["variant"] != "supervised" else "–"
+        nmi = "–" if r["nmi_mean"] is None else f"{r['nmi_mean']:.3f}"
+        minutes = "–" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"
+        lines.append(f"| {r['variant']} | {_pct(r['mAP_mean'], r['mAP_std'])} | "
+                     f"{_pct(r['rank1_mean'], r['rank1_std'])} | {eff} | "
+                     f"{_pct(r['cross_camera_clusters_mean'], r['cross_camera_clusters_std'])} | {nmi} | "
+                     f"{minutes} | {r['seeds']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--config", required=True, help="preset name or YAML (e.g. cpu, demo)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds 1..N per variant")
+    p.add_argument("--variants", default="direct,baseline,pil,lp,ise,supervised")
+    p.add_argument("--define", action="append", default=[], metavar='NAME="k=v k=v"',
+                   help="an extra variant made of overrides")
+    p.add_argument("--output", help="JSON file to write")
+    p.add_argument("--work-dir", default="accuracy-runs", help="run folders (reused when re-run)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every variant")
+    args = p.parse_args(argv)
+    variants = dict(VARIANTS)
+    for d in args.define:
+        name, _, spec = d.partition("=")
+        if not name or not spec:
+            p.error(f"--define {d!r}: expected NAME=\"key=value ...\"")
+        variants[name] = shlex.split(spec)
+    wanted = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in wanted if v not in variants]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
+    rows = []
+    for variant in wanted:
+        seeds = [1] if variant == "direct" else range(1, args.seeds + 1)  # direct transfer has no randomness
+        runs = []
+        for seed in seeds:
+            print(f"[accuracy] {variant} seed {seed} ...", file=sys.stderr, flush=True)
+            runs.append(run_one(variant, variants[variant], seed, args, args.overrides))
+            print(f"[accuracy] {variant} seed {seed}: mAP {100 * runs[-1]['mAP']:.1f}%  "
+                  f"rank-1 {100 * runs[-1]['rank1']:.1f}%", file=sys.stderr, flush=True)
+        rows.append(summarise(variant, runs))
+    text = table(rows)
+    print(text)
+    if args.output:
+        payload = {"rows": rows, "table": text, "config": args.config, "data_root": args.data_root,
+                   "overrides": args.overrides, "seeds": args.seeds,
+                   "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "cpus": os.cpu_count()}
+        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

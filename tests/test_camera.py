@@ -1,0 +1,497 @@
+"""Camera normalisation and the camera-aware proxy memory against loop oracles (float64)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from isereid.camera import CameraProxyMemory, camera_normalize
+
+
+def unit(*shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
+
+
+def make_memory(seed, labels=5, cams=3, dim=6, dtype=torch.float64, **kwargs):
+    """A memory over a random subset of (label, camera) pairs, stored in random order.
+
+    Label 0 lives in camera 0 only; every label has at least one proxy.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pairs = [(y, c) for y in range(1, labels) for c in range(cams) if float(torch.rand(1, generator=g)) < 0.6]
+    pairs.append((0, 0))
+    for y in range(1, labels):
+        if not any(p[0] == y for p in pairs):
+            pairs.append((y, (y * 7) % cams))
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    pairs = [pairs[i] for i in order]
+    proxies = unit(len(pairs), dim, seed=seed + 100, dtype=dtype)
+    mem = CameraProxyMemory(proxies, torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]),
+                            **kwargs)
+    return mem, pairs
+
+
+def make_batch(pairs, size, dim, seed, dtype=torch.float64):
+    """Un-normalised rows (the memory normalises them) with (label, camera) drawn from ``pairs``; label 0 forced in."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(pairs), (size,), generator=g).tolist()
+    pick[0] = pairs.index((0, 0))
+    labels = torch.tensor([pairs[i][0] for i in pick])
+    cams = torch.tensor([pairs[i][1] for i in pick])
+    rows = 2.0 * torch.randn(size, dim, generator=g, dtype=dtype)
+    return rows, labels, cams
+
+
+def find_proxy(mem, y, c):
+    for p in range(mem.proxies.shape[0]):
+        if int(mem.proxy_labels[p]) == y and int(mem.proxy_cams[p]) == c:
+            return p
+    raise KeyError((y, c))
+
+
+# ----------------------------------------------------------------------------- camera_normalize
+def camera_normalize_oracle(x, cams):
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        members = [j for j in range(x.shape[0]) if int(cams[j]) == int(cams[i])]
+        mean = sum(x[j] for j in members) / len(members)
+        r = x[i] - mean
+        if float(r.norm()) <= 1e-6 * float(x[i].norm()):  # no residual direction: keep the row
+            r = x[i]
+        out[i] = r / r.norm()
+    return out
+
+
+@pytest.mark.parametrize("n,dim,cam_values", [(12, 5, [0, 1, 2]), (30, 8, [3, 7, 11, 20]), (9, 3, [5]),
+                                              (16, 4, [0, 1])])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_camera_normalize_matches_loop(n, dim, cam_values, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = unit(n, dim, seed=seed + 3)
+    cams = torch.tensor(cam_values)[torch.randint(0, len(cam_values), (n,), generator=g)]
+    ours = camera_normalize(x, cams)
+    torch.testing.assert_close(ours, camera_normalize_oracle(x, cams))
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours.norm(dim=1), torch.ones(n, dtype=torch.float64))
+    # per camera, the normalised rows are built from mean-free residuals
+    for c in cams.unique():
+        rows = cams == c
+        if int(rows.sum()) > 1:
+            residual = x[rows] - x[rows].mean(0)
+            torch.testing.assert_close(ours[rows] * residual.norm(dim=1, keepdim=True), residual)
+
+
+def test_camera_normalize_removes_camera_offset():
+    """Two identities seen by two cameras whose style adds a large offset: after normalisation
+    each identity's views match across cameras."""
+    ident = torch.eye(4, dtype=torch.float64)[:2]  # identity directions e0, e1
+    style = torch.tensor([[0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 3.0]], dtype=torch.float64)
+    x = F.normalize(torch.stack([ident[0] + style[0], ident[1] + style[0], ident[0] + style[1],
+                                 ident[1] + style[1]]), dim=1)
+    cams = torch.tensor([0, 0, 1, 1])
+    before = x @ x.t()
+    assert before[0, 1] > before[0, 2]  # raw: same camera beats same identity
+    out = camera_normalize(x, cams)
+    torch.testing.assert_close(out[0], out[2])
+    torch.testing.assert_close(out[1], out[3])
+    torch.testing.assert_close(out[0], F.normalize(ident[0] - ident[1], dim=0))
+
+
+def test_camera_normalize_single_image_camera_keeps_row():
+    x = unit(5, 4, seed=2)
+    cams = np.array([0, 0, 1, 1, 2])  # camera 2 has one image; numpy ids are accepted
+    out = camera_normalize(x, cams)
+    torch.testing.assert_close(out[4], x[4])
+    torch.testing.assert_close(out, camera_normalize_oracle(x, torch.as_tensor(cams)))
+
+
+def test_camera_normalize_dtypes_and_empty():
+    x = unit(10, 6, seed=4, dtype=torch.float32)
+    cams = torch.tensor([0, 1] * 5)
+    out32 = camera_normalize(x, cams)
+    assert out32.dtype == torch.float32 and out32.device == x.device
+    torch.testing.assert_close(out32.double(), camera_normalize(x.double(), cams), rtol=1e-5, atol=1e-6)
+    out16 = camera_normalize(x.half(), cams)
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, camera_normalize(x.half().float(), cams))
+    from_numpy = camera_normalize(x.numpy(), cams.numpy())
+    assert isinstance(from_numpy, torch.Tensor)
+    torch.testing.assert_close(from_numpy, out32)
+    empty = camera_normalize(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0, 3)
+
+
+def test_camera_normalize_rejects_bad_inputs():
+    x = unit(4, 3)
+    with pytest.raises(ValueError):
+        camera_normalize(x[0], torch.tensor([0]))
+    with pytest.raises(ValueError):
+        camera_normalize(x, torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError):
+        camera_normalize(x, torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(TypeError):
+        camera_normalize(x, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(TypeError):
+        camera_normalize(torch.zeros(4, 3, dtype=torch.long), torch.tensor([0, 1, 0, 1]))
+
+
+# ----------------------------------------------------------------------------- from_features / index
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_from_features_matches_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, dim = 40, 5
+    x = unit(n, dim, seed=seed + 20)
+    labels = torch.tensor([0, 2, 5, 3, 2, 5, 0, 3])[torch.randint(0, 8, (n,), generator=g)]  # gaps: 1, 4 absent
+    cams = torch.randint(0, 4, (n,), generator=g)
+    mem = CameraProxyMemory.from_features(x, labels, cams, temperature=0.1, momentum=0.3, hard_negatives=7)
+    pairs = sorted({(int(y), int(c)) for y, c in zip(labels, cams)})
+    assert mem.num_proxies == len(pairs)
+    assert (mem.num_labels, mem.num_cameras) == (6, int(cams.max()) + 1)
+    for p, (y, c) in enumerate(pairs):
+        rows = [x[i] for i in range(n) if int(labels[i]) == y and int(cams[i]) == c]
+        mean = sum(rows) / len(rows)
+        torch.testing.assert_close(mem.proxies[p], mean / mean.norm())
+        assert (int(mem.proxy_labels[p]), int(mem.proxy_cams[p])) == (y, c)
+    for y in range(mem.num_labels):
+        for c in range(mem.num_cameras):
+            expected = pairs.index((y, c)) if (y, c) in pairs else -1
+            assert int(mem.index[y, c]) == expected
+    assert (mem.temperature, mem.momentum, mem.hard_negatives) == (0.1, 0.3, 7)
+    assert mem.proxies.dtype == torch.float64
+
+
+def test_from_features_float32_and_numpy_ids():
+    x = unit(6, 3, seed=5, dtype=torch.float32)
+    mem = CameraProxyMemory.from_features(x, np.array([1, 1, 0, 0, 1, 0]), [0, 1, 0, 0, 0, 1])
+    assert mem.proxies.dtype == torch.float32
+    assert mem.proxy_labels.tolist() == [0, 0, 1, 1] and mem.proxy_cams.tolist() == [0, 1, 0, 1]
+    torch.testing.assert_close(mem.proxies[2], F.normalize(x[0] + x[4], dim=0))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_proxy_of_matches_loop(seed):
+    mem, pairs = make_memory(seed, labels=7, cams=4)
+    _, labels, cams = make_batch(pairs, 25, 6, seed)
+    ours = mem.proxy_of(labels, cams)
+    assert ours.dtype == torch.long
+    assert ours.tolist() == [find_proxy(mem, int(y), int(c)) for y, c in zip(labels, cams)]
+
+
+# ----------------------------------------------------------------------------- intra-camera loss
+def intra_oracle(mem, rows, labels, cams):
+    total = 0.0
+    for i in range(rows.shape[0]):
+        q = rows[i] / rows[i].norm()
+        same_cam = [p for p in range(mem.num_proxies) if int(mem.proxy_cams[p]) == int(cams[i])]
+        logits = torch.stack([q @ mem.proxies[p] / mem.temperature for p in same_cam])
+        own = same_cam.index(find_proxy(mem, int(labels[i]), int(cams[i])))
+        total = total - (logits[own] - torch.logsumexp(logits, 0))
+    return total / rows.shape[0]
+
+
+SIZES = [  # labels, cameras, dim, batch, temperature, hard_negatives
+    (5, 3, 6, 12, 0.07, 50),
+    (8, 4, 5, 20, 0.05, 3),
+    (6, 2, 4, 9, 0.5, 1),
+    (4, 1, 4, 7, 0.1, 2),  # one camera: intra == plain cross-entropy over all proxies
+    (10, 5, 8, 16, 1.0, 6),
+]
+
+
+def loss_and_grad(fn, base):
+    loss = fn(base)
+    (grad,) = torch.autograd.grad(loss, base)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("labels_n,cams_n,dim,batch,temp,k", SIZES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_intra_loss_and_gradient_match_loop(labels_n, cams_n, dim, batch, temp, k, seed):
+    mem, pairs = make_memory(seed, labels_n, cams_n, dim, temperature=temp, hard_negatives=k)
+    rows, labels, cams = make_batch(pairs, batch, dim, seed + 50)
+    base = rows.clone().requires_grad_()
+    ours, g_ours = loss_and_grad(lambda f: mem.intra_loss(f, labels, cams), base)
+    ref, g_ref = loss_and_grad(lambda f: intra_oracle(mem, f, labels, cams), base)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+    assert g_ours.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- inter-camera loss
+def inter_oracle(mem, rows, labels, hard_negatives):
+    total = 0.0
+    for i in range(rows.shape[0]):
+        q = rows[i] / rows[i].norm()
+        s = [q @ mem.proxies[p] for p in range(mem.num_proxies)]
+        pos = [p for p in range(mem.num_proxies) if int(mem.proxy_labels[p]) == int(labels[i])]
+        foreign = [p for p in range(mem.num_proxies) if int(mem.proxy_labels[p]) != int(labels[i])]
+        neg = sorted(foreign, key=lambda p: -float(s[p].detach()))[:hard_negatives]
+        log_denominator = torch.logsumexp(torch.stack([s[p] / mem.temperature for p in pos + neg]), 0)
+        total = total - sum(s[p] / mem.temperature - log_denominator for p in pos) / len(pos)
+    return total / rows.shape[0]
+
+
+@pytest.mark.parametrize("labels_n,cams_n,dim,batch,temp,k", SIZES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inter_loss_and_gradient_match_loop(labels_n, cams_n, dim, batch, temp, k, seed):
+    mem, pairs = make_memory(seed, labels_n, cams_n, dim, temperature=temp, hard_negatives=k)
+    rows, labels, cams = make_batch(pairs, batch, dim, seed + 60)
+    base = rows.clone().requires_grad_()
+    ours, g_ours = loss_and_grad(lambda f: mem.inter_loss(f, labels, cams), base)
+    ref, g_ref = loss_and_grad(lambda f: inter_oracle(mem, f, labels, k), base)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+    assert g_ours.abs().sum() > 0
+
+
+def test_inter_loss_hard_negatives_matter():
+    """With k smaller than the foreign proxies, the loss uses only the hardest ones."""
+    mem, pairs = make_memory(4, labels=9, cams=3, dim=6, hard_negatives=2, temperature=0.2)
+    rows, labels, cams = make_batch(pairs, 10, 6, 70)
+    foreign_min = min(sum(1 for p in range(mem.num_proxies) if int(mem.proxy_labels[p]) != int(y)) for y in labels)
+    assert foreign_min > 2
+    all_neg = CameraProxyMemory(mem.proxies, mem.proxy_labels, mem.proxy_cams, temperature=0.2,
+                                hard_negatives=mem.num_proxies)
+    ours = mem.inter_loss(rows, labels, cams)
+    torch.testing.assert_close(ours, inter_oracle(mem, rows, labels, 2))
+    torch.testing.assert_close(all_neg.inter_loss(rows, labels, cams), inter_oracle(mem, rows, labels, 10 ** 6))
+    assert float(ours) < float(all_neg.inter_loss(rows, labels, cams))  # fewer negatives, smaller denominator
+
+
+def test_inter_loss_with_fewer_negatives_than_requested_and_single_camera_label():
+    # label 0 only in camera 0; label 1 in cameras 0 and 1; only two foreign proxies at most (k = 50)
+    proxies = unit(3, 4, seed=9)
+    mem = CameraProxyMemory(proxies, torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), temperature=0.07)
+    rows = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    labels, cams = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 0, 1, 0, 1])
+    base = rows.clone().requires_grad_()
+    ours, g_ours = loss_and_grad(lambda f: mem.inter_loss(f, labels, cams), base)
+    ref, g_ref = loss_and_grad(lambda f: inter_oracle(mem, f, labels, 50), base)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+    assert torch.isfinite(ours)
+
+
+def test_inter_loss_single_label_has_no_negatives():
+    # every proxy is a positive: loss_i = -mean_p log softmax over the positives only
+    proxies = unit(3, 5, seed=11)
+    mem = CameraProxyMemory(proxies, torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), temperature=0.1)
+    rows = unit(4, 5, seed=12)
+    labels, cams = torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(mem.inter_loss(rows, labels, cams), inter_oracle(mem, rows, labels, 50))
+
+
+# ----------------------------------------------------------------------------- closed forms
+@pytest.mark.parametrize("temp", [0.07, 0.5, 1.0])
+def test_closed_form_one_camera_two_orthogonal_proxies(temp):
+    e = torch.eye(3, dtype=torch.float64)
+    mem = CameraProxyMemory(e[:2].clone(), torch.tensor([0, 1]), torch.tensor([0, 0]), temperature=temp)
+    f = e[:1]
+    expected = torch.tensor(math.log1p(math.exp(-1.0 / temp)), dtype=torch.float64)  # -log(e^{1/τ}/(e^{1/τ}+e^0))
+    torch.testing.assert_close(mem.intra_loss(f, torch.tensor([0]), torch.tensor([0])), expected)
+    torch.testing.assert_close(mem.inter_loss(f, torch.tensor([0]), torch.tensor([0])), expected)
+
+
+@pytest.mark.parametrize("k,temp", [(1, 0.07), (2, 0.07), (50, 0.3)])
+def test_closed_form_two_cameras(k, temp):
+    """f = e0 (label 0, camera 0). Proxies: (0,c0)=e0, (0,c1)=e1, (1,c0)=e2, (1,c1)=(e0+e2)/√2."""
+    e = torch.eye(4, dtype=torch.float64)
+    proxies = torch.stack([e[0], e[1], e[2], (e[0] + e[2]) / math.sqrt(2)])
+    mem = CameraProxyMemory(proxies, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]),
+                            temperature=temp, hard_negatives=k)
+    f, y, c = e[:1], torch.tensor([0]), torch.tensor([0])
+    # intra: camera 0 holds e0 (own) and e2; the very similar camera-1 proxy is masked out
+    intra = math.log1p(math.exp(-1.0 / temp))
+    torch.testing.assert_close(mem.intra_loss(f, y, c), torch.tensor(intra, dtype=torch.float64))
+    # inter: positives e0 (s=1), e1 (s=0); negatives by similarity: (e0+e2)/√2 (s=1/√2), then e2 (s=0)
+    terms = [math.exp(1 / temp), math.exp(0.0), math.exp(1 / (math.sqrt(2) * temp))] + ([1.0] if k >= 2 else [])
+    log_den = math.log(sum(terms))
+    inter = -0.5 * ((1 / temp - log_den) + (0.0 - log_den))
+    torch.testing.assert_close(mem.inter_loss(f, y, c), torch.tensor(inter, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- update
+def update_oracle(mem, rows, labels, cams, momentum):
+    new = mem.proxies.clone()
+    targets = [find_proxy(mem, int(y), int(c)) for y, c in zip(labels, cams)]
+    for p in sorted(set(targets)):
+        members = [rows[i] / rows[i].norm() for i in range(rows.shape[0]) if targets[i] == p]
+        mean = sum(members) / len(members)
+        v = momentum * mem.proxies[p] + (1 - momentum) * mean
+        new[p] = v / v.norm()
+    return new, set(targets)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.2, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_update_matches_loop(momentum, seed):
+    mem, pairs = make_memory(seed, labels=8, cams=3, dim=5, momentum=momentum)
+    rows, labels, cams = make_batch(pairs, 16, 5, seed + 80)
+    assert len({(int(y), int(c)) for y, c in zip(labels, cams)}) < 16  # repeated pairs
+    before = mem.proxies.clone()
+    expected, touched = update_oracle(mem, rows, labels, cams, momentum)
+    assert len(touched) < mem.num_proxies  # some proxies stay untouched
+    mem.update(rows, labels, cams)
+    torch.testing.assert_close(mem.proxies, expected)
+    untouched = [p for p in range(mem.num_proxies) if p not in touched]
+    torch.testing.assert_close(mem.proxies[untouched], before[untouched])
+    torch.testing.assert_close(mem.proxies.norm(dim=1), torch.ones(mem.num_proxies, dtype=torch.float64))
+
+
+def test_update_is_order_independent_and_mean_based():
+    mem, pairs = make_memory(5, labels=5, cams=2, dim=4, momentum=0.3)
+    rows, labels, cams = make_batch(pairs, 20, 4, 90)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(1))
+    other = CameraProxyMemory(mem.proxies, mem.proxy_labels, mem.proxy_cams, momentum=0.3)
+    mem.update(rows, labels, cams)
+    other.update(rows[perm], labels[perm], cams[perm])
+    torch.testing.assert_close(mem.proxies, other.proxies)
+    # a pair seen twice with rows a, b moves like one row (a/|a| + b/|b|)/2, not like two sequential moves
+    e = torch.eye(3, dtype=torch.float64)
+    one = CameraProxyMemory(e[:1].clone(), torch.tensor([0]), torch.tensor([0]), momentum=0.5)
+    one.update(torch.stack([2 * e[1], e[2]]), torch.tensor([0, 0]), torch.tensor([0, 0]))
+    torch.testing.assert_close(one.proxies[0], F.normalize(0.5 * e[0] + 0.25 * e[1] + 0.25 * e[2], dim=0))
+
+
+def test_update_with_empty_batch_is_a_no_op():
+    mem, _ = make_memory(0)
+    before = mem.proxies.clone()
+    mem.update(torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long),
+               torch.zeros(0, dtype=torch.long))
+    torch.testing.assert_close(mem.proxies, before)
+
+
+# ----------------------------------------------------------------------------- autograd, buffers, dtypes
+def test_losses_send_no_gradient_into_buffers():
+    mem, pairs = make_memory(1, dim=6)
+    rows, labels, cams = make_batch(pairs, 8, 6, 3)
+    base = rows.clone().requires_grad_()
+    before = mem.proxies.clone()
+    (mem.intra_loss(base, labels, cams) + mem.inter_loss(base, labels, cams)).backward()
+    assert base.grad is not None and base.grad.abs().sum() > 0
+    assert not mem.proxies.requires_grad and mem.proxies.grad is None
+    assert list(mem.parameters()) == []
+    torch.testing.assert_close(mem.proxies, before)
+
+
+def test_buffers_in_state_dict_and_restorable():
+    mem, pairs = make_memory(2, dtype=torch.float32, temperature=0.05, hard_negatives=4)
+    state = mem.state_dict()
+    assert set(state) == {"proxies", "proxy_labels", "proxy_cams", "index"}
+    assert state["index"].dtype == torch.long and state["index"].shape == (mem.num_labels, mem.num_cameras)
+    restored = CameraProxyMemory(state["proxies"], state["proxy_labels"], state["proxy_cams"],
+                                 temperature=0.05, hard_negatives=4)
+    restored.load_state_dict(state)
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    rows, labels, cams = make_batch(pairs, 6, 6, 4, dtype=torch.float32)
+    assert torch.equal(restored.inter_loss(rows, labels, cams), mem.inter_loss(rows, labels, cams))
+    converted = mem.to(torch.float64)  # .to() moves float buffers, keeps the integer tables
+    assert converted.proxies.dtype == torch.float64 and converted.index.dtype == torch.long
+    text = repr(restored)
+    assert f"proxies={mem.num_proxies}" in text and "hard_negatives=4" in text and "temperature=0.05" in text
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_agrees_with_float64(seed):
+    mem64, pairs = make_memory(seed, labels=7, cams=3, dim=8, hard_negatives=5, momentum=0.2)
+    mem32 = CameraProxyMemory(mem64.proxies.float(), mem64.proxy_labels, mem64.proxy_cams,
+                              hard_negatives=5, momentum=0.2)
+    assert mem32.proxies.dtype == torch.float32
+    rows, labels, cams = make_batch(pairs, 16, 8, seed + 5)
+    for name in ("intra_loss", "inter_loss"):
+        base64 = rows.clone().requires_grad_()
+        base32 = rows.float().requires_grad_()
+        l64 = getattr(mem64, name)(base64, labels, cams)
+        l32 = getattr(mem32, name)(base32, labels, cams)
+        assert l32.dtype == torch.float32
+        torch.testing.assert_close(l32.double(), l64.detach(), rtol=1e-5, atol=1e-5)
+        (g64,) = torch.autograd.grad(l64, base64)
+        (g32,) = torch.autograd.grad(l32, base32)
+        torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=1e-5)
+    mem64.update(rows, labels, cams)
+    mem32.update(rows.float(), labels, cams)
+    torch.testing.assert_close(mem32.proxies.double(), mem64.proxies, rtol=1e-5, atol=1e-6)
+
+
+def test_half_features_are_computed_in_float32():
+    mem, pairs = make_memory(3, dtype=torch.float32)
+    rows, labels, cams = make_batch(pairs, 6, 6, 7, dtype=torch.float32)
+    half = rows.half()
+    loss = mem.inter_loss(half, labels, cams)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, mem.inter_loss(half.float(), labels, cams))
+
+
+# ----------------------------------------------------------------------------- errors
+def test_constructor_rejects_bad_settings():
+    proxies = unit(3, 4)
+    labels, cams = torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])
+    for kwargs in ({"temperature": 0}, {"temperature": -0.1}, {"temperature": float("nan")},
+                   {"momentum": -0.1}, {"momentum": 1.5}, {"hard_negatives": 0},
+                   {"hard_negatives": 2.5}, {"hard_negatives": True}):
+        with pytest.raises(ValueError):
+            CameraProxyMemory(proxies, labels, cams, **kwargs)
+    CameraProxyMemory(proxies, labels, cams, temperature=np.float32(0.1), hard_negatives=np.int64(3))
+    with pytest.raises(ValueError):  # duplicate (label, camera) pair
+        CameraProxyMemory(proxies, torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError):  # negative label
+        CameraProxyMemory(proxies, torch.tensor([-1, 1, 1]), cams)
+    with pytest.raises(ValueError):  # negative camera
+        CameraProxyMemory(proxies, labels, torch.tensor([0, -1, 1]))
+    with pytest.raises(ValueError):  # length mismatch
+        CameraProxyMemory(proxies, torch.tensor([0, 1]), cams)
+    with pytest.raises(ValueError):  # not (P, D)
+        CameraProxyMemory(proxies[0], labels[:1], cams[:1])
+    with pytest.raises(ValueError):  # empty
+        CameraProxyMemory(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(TypeError):  # float labels
+        CameraProxyMemory(proxies, labels.double(), cams)
+
+
+def test_from_features_rejects_outliers_and_bad_shapes():
+    x = unit(4, 3)
+    with pytest.raises(ValueError, match="outliers"):
+        CameraProxyMemory.from_features(x, torch.tensor([0, -1, 1, 1]), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError):
+        CameraProxyMemory.from_features(x, torch.tensor([0, 1, 1, 1]), torch.tensor([0, -1, 1, 1]))
+    with pytest.raises(ValueError):
+        CameraProxyMemory.from_features(x, torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError):
+        CameraProxyMemory.from_features(x, torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError):
+        CameraProxyMemory.from_features(x[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+def test_missing_pair_and_bad_batches_are_rejected():
+    mem = CameraProxyMemory(unit(3, 4), torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]))
+    rows = unit(2, 4, seed=1)
+    bad_pairs = [((0, 1), "label 0 in camera 1"),  # pair absent from the table
+                 ((2, 0), "label 2 in camera 0"),  # label beyond the table
+                 ((1, 5), "label 1 in camera 5"),  # camera beyond the table
+                 ((-1, 0), "label -1 in camera 0")]  # outlier label
+    for (y, c), message in bad_pairs:
+        labels, cams = torch.tensor([1, y]), torch.tensor([0, c])
+        for call in (lambda: mem.proxy_of(labels, cams), lambda: mem.intra_loss(rows, labels, cams),
+                     lambda: mem.inter_loss(rows, labels, cams), lambda: mem.update(rows, labels, cams)):
+            with pytest.raises(ValueError, match=message):
+                call()
+    ok_labels, ok_cams = torch.tensor([0, 1]), torch.tensor([0, 1])
+    with pytest.raises(ValueError):  # rows vs labels
+        mem.intra_loss(unit(3, 4), ok_labels, ok_cams)
+    with pytest.raises(ValueError):  # feature dimension
+        mem.inter_loss(unit(2, 5), ok_labels, ok_cams)
+    with pytest.raises(ValueError):  # 1-D features
+        mem.update(rows[0], ok_labels[:1], ok_cams[:1])
+    with pytest.raises(ValueError):  # labels vs cameras
+        mem.proxy_of(ok_labels, torch.tensor([0]))
+    with pytest.raises(ValueError):  # 2-D labels
+        mem.proxy_of(ok_labels.unsqueeze(0), ok_cams)
+    with pytest.raises(TypeError):  # float camera ids
+        mem.intra_loss(rows, ok_labels, ok_cams.float())
+    with pytest.raises(TypeError):  # integer features
+        mem.inter_loss(torch.ones(2, 4, dtype=torch.long), ok_labels, ok_cams)
