@@ -9,9 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from isereid.camera import CameraProxyMemory
 from isereid.config import ISEConfig, MemoryConfig, ModelConfig
 from isereid.distributed import DistContext, gather_with_grad
-from isereid.engine.step import ise_losses
+from isereid.engine.step import camera_losses, ise_losses
 from isereid.memory import ClusterMemory
 from isereid.models import build_model, trainable_parameters
 
@@ -35,35 +36,54 @@ def _problem():
     # asymmetric: rank 0 holds identities 2 and 0, rank 1 identities 5 and 1
     labels = torch.tensor([2] * 4 + [0] * 4 + [5] * 4 + [1] * 4)
     centroids = torch.nn.functional.normalize(torch.randn(6, model.num_features, generator=g), dim=1)
-    return model, images, labels, centroids
+    # cameras: every identity seen by two of three cameras, unevenly split across the ranks
+    cams = torch.tensor([0, 1, 1, 0, 2, 2, 2, 1, 0, 0, 2, 0, 1, 2, 2, 2])
+    proxy_labels = torch.tensor([0, 0, 1, 1, 2, 2, 5, 5])
+    proxy_cams = torch.tensor([1, 2, 1, 2, 0, 1, 0, 2])
+    proxies = torch.nn.functional.normalize(torch.randn(8, model.num_features, generator=g), dim=1)
+    camera = CameraProxyMemory(proxies, proxy_labels, proxy_cams, temperature=0.07, momentum=0.2, hard_negatives=3)
+    return model, images, labels, centroids, cams, camera
 
 
-def _step(model, images, labels, memory, ctx: DistContext, net):
-    """One optimizer-free step: returns loss; grads left in model params; memory updated."""
+MEMORY_CFG = MemoryConfig(mode="ori", momentum=0.1, camera_aware=True, camera_intra_weight=1.0,
+                          camera_inter_weight=0.5)
+
+
+def _step(model, images, labels, cams, memory, camera, ctx: DistContext, net):
+    """One optimizer-free step: returns loss; grads left in model params; memories updated.
+    ``camera`` (a CameraProxyMemory or None) adds the camera-aware terms, as the trainer does."""
     model.train()
     local = net(images)
     feats = gather_with_grad(local, ctx)
     all_labels = ctx.all_gather(labels)
-    out = ise_losses(feats, all_labels, memory, 0.2, ISEConfig(lp_weight=0.1), MemoryConfig(mode="ori", momentum=0.1))
-    (out.total * ctx.world_size).backward()
+    out = ise_losses(feats, all_labels, memory, 0.2, ISEConfig(lp_weight=0.1), MEMORY_CFG)
+    total = out.total
+    if camera is not None:
+        all_cams = ctx.all_gather(cams)
+        total = total + camera_losses(feats, all_labels, all_cams, camera, MEMORY_CFG).total
+    (total * ctx.world_size).backward()
     memory.update(out.memory_inputs, out.memory_labels)
-    return out.total.detach()
+    if camera is not None:
+        camera.update(feats.detach(), all_labels, all_cams)
+    return total.detach()
 
 
-def _worker(rank: int, port: int, folder: str) -> None:
+def _worker(rank: int, port: int, folder: str, camera_aware: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model, images, labels, centroids = _problem()
+        model, images, labels, centroids, cams, camera = _problem()
+        camera = camera if camera_aware else None
         ctx = DistContext(rank=rank, world_size=WORLD, device=torch.device("cpu"))
         net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=True)
         memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
         per = BATCH // WORLD
         sl = slice(rank * per, (rank + 1) * per)
-        loss = _step(model, images[sl], labels[sl], memory, ctx, net)
+        loss = _step(model, images[sl], labels[sl], cams[sl], memory, camera, ctx, net)
         grads = [p.grad.clone() for p in trainable_parameters(model)]
         torch.save({"loss": loss, "grads": grads, "memory": memory.centroids.clone(),
+                    "proxies": camera.proxies.clone() if camera is not None else None,
                     "buffers": {k: v.clone() for k, v in model.state_dict().items() if "running" in k}},
                    os.path.join(folder, f"rank{rank}.pt"))
     finally:
@@ -71,12 +91,14 @@ def _worker(rank: int, port: int, folder: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_rank_step_equals_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("camera_aware", [False, True])
+def test_two_rank_step_equals_single_process(tmp_path, camera_aware):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), camera_aware), nprocs=WORLD, join=True)
 
-    model, images, labels, centroids = _problem()
+    model, images, labels, centroids, cams, camera = _problem()
+    camera = camera if camera_aware else None
     memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
-    loss = _step(model, images, labels, memory, DistContext(), model)
+    loss = _step(model, images, labels, cams, memory, camera, DistContext(), model)
     grads = [p.grad for p in trainable_parameters(model)]
     buffers = {k: v for k, v in model.state_dict().items() if "running" in k}
 
@@ -84,6 +106,8 @@ def test_two_rank_step_equals_single_process(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["memory"], memory.centroids, rtol=1e-5, atol=1e-6)
+        if camera is not None:  # identical proxies on every rank, equal to the single process's
+            torch.testing.assert_close(got["proxies"], camera.proxies, rtol=1e-5, atol=1e-6)
         assert len(got["grads"]) == len(grads)
         for a, b in zip(got["grads"], grads):
             # float32 summation order differs between 1 and 2 processes (~1e-6 relative)

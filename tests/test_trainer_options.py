@@ -34,7 +34,7 @@ def tiny_demo(tmp_path_factory) -> Path:
 def _trainer(root: Path, out: Path, *overrides: str) -> Trainer:
     cfg = load_config("demo", [*TINY, f"data.root={root}", *overrides])
     torch.manual_seed(cfg.seed)
-    return Trainer(cfg, build_dataset(cfg.data.dataset, cfg.data.root), out, DistContext())
+    return Trainer.from_config(cfg, build_dataset(cfg.data.dataset, cfg.data.root), out, DistContext())
 
 
 def test_fp32_by_default():
@@ -46,13 +46,13 @@ def test_camera_aware_run_logs_terms_and_resumes_its_proxies(tiny_demo, tmp_path
     out = tmp_path / "run"
     trainer = _trainer(tiny_demo, out, "memory.camera_aware=true", "cluster.camera_norm=true")
     history = trainer.run()
-    assert [r["epoch"] for r in history] == [1, 2]
+    assert [r.epoch for r in history] == [1, 2]
     for record in history:
-        assert record["loss_intra"] > 0 and record["loss_inter"] > 0
+        assert record.loss_intra > 0 and record.loss_inter > 0
         # total = cc + 0.1 lp + 1.0 intra + 0.5 inter, per iteration, so also for the epoch means
-        expected = record["loss_cc"] + 0.1 * record["loss_lp"] + record["loss_intra"] + 0.5 * record["loss_inter"]
-        assert record["loss"] == pytest.approx(expected, abs=1e-4)
-        assert 0.0 <= record["cluster"]["cross_camera_clusters"] <= 1.0
+        expected = record.loss_cc + 0.1 * record.loss_lp + record.loss_intra + 0.5 * record.loss_inter
+        assert record.loss == pytest.approx(expected, abs=1e-4)
+        assert 0.0 <= record.cluster["cross_camera_clusters"] <= 1.0
     proxies = trainer.camera_memory
     state = torch.load(out / "checkpoint_last.pt", weights_only=True)
     torch.testing.assert_close(state["camera_memory"]["proxies"], proxies.proxies)
@@ -71,7 +71,7 @@ def test_camera_options_need_two_cameras(tmp_path):
     for option in ("memory.camera_aware=true", "cluster.camera_norm=true"):
         cfg = load_config("demo", [*TINY, option])
         with pytest.raises(ConfigError, match="two or more cameras") as err:
-            Trainer(cfg, dataset, tmp_path / "out", DistContext())
+            Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())
         assert "\n" not in str(err.value)
 
 
@@ -86,7 +86,7 @@ def test_supervised_uses_true_identities(tiny_demo, tmp_path):
                                                                   for s in trainer.train_samples],
                             query=[], gallery=[])
     with pytest.raises(ConfigError, match="train.supervised=true needs identities"):
-        Trainer(trainer.cfg, unlabeled, tmp_path / "x", DistContext())
+        Trainer.from_config(trainer.cfg, unlabeled, tmp_path / "x", DistContext())
 
 
 def test_camera_pure_warning(tiny_demo, tmp_path, caplog):

@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("%s", dataset.summary())
         if ctx.enabled:
             log.info("distributed: %d processes, global batch %d", ctx.world_size, cfg.data.batch_size)
-        trainer = Trainer(cfg, dataset, out, ctx)
+        trainer = Trainer.from_config(cfg, dataset, out, ctx)
         history = trainer.run()
         if ctx.is_main:
             _finish_training(out, history, trainer)
@@ -116,14 +116,15 @@ def _drop_unreadable(dataset, max_bad_fraction: float):
 
 
 def _finish_training(out: Path, history: list, trainer) -> None:
+    """Draw the curves and name the best epoch (``history``: the run's EpochRecords)."""
     from .plotting import plot_metrics
 
     log.info("curves: %s", plot_metrics(out))
-    scored = [r for r in history if "mAP" in r]
+    scored = [r for r in history if r.evaluated]
     if scored:
-        best = max(scored, key=lambda r: r["mAP"])
-        log.info("done: best mAP %.1f%% (rank-1 %.1f%%) at epoch %d; %s", 100 * best["mAP"], 100 * best["rank1"],
-                 best["epoch"], out / "model_best.pt")
+        best = max(scored, key=lambda r: r.mAP)
+        log.info("done: best mAP %.1f%% (rank-1 %.1f%%) at epoch %d; %s", 100 * best.mAP, 100 * best.rank1,
+                 best.epoch, out / "model_best.pt")
     else:
         log.info("done: %s", out / "checkpoint_last.pt")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .engine.records import EpochRecord
 from .errors import IsereidError
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def read_metrics(run_dir: str | Path) -> list[EpochRecord]:
     """The per-epoch records of ``run_dir/metrics.jsonl`` (ValueError-free: bad lines are an error)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -17,9 +18,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(EpochRecord.from_json(line))
         except json.JSONDecodeError:
             raise IsereidError(f"{path} line {n} is not valid JSON") from None
+        except TypeError as e:
+            raise IsereidError(f"{path} line {n} is not an epoch record: {e}") from None
     if not records:
         raise IsereidError(f"{path} holds no epochs yet")
     return records
@@ -34,14 +37,14 @@ def plot_metrics(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
     records = read_metrics(run_dir)
     output = Path(output) if output else Path(run_dir) / "curves.png"
-    epochs = [r["epoch"] for r in records]
+    epochs = [r.epoch for r in records]
 
     def series(key: str, nested: str | None = None):
         xs, ys = [], []
         for r in records:
-            value = (r.get(nested) or {}).get(key) if nested else r.get(key)
+            value = (getattr(r, nested) or {}).get(key) if nested else getattr(r, key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                xs.append(r["epoch"])
+                xs.append(r.epoch)
                 ys.append(value)
         return xs, ys
 

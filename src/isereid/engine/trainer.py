@@ -16,13 +16,12 @@ global batch of features, so losses and memory equal the single-process ones).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -32,14 +31,14 @@ from tqdm.auto import tqdm
 
 from ..camera import CameraProxyMemory, camera_normalize
 from ..clustering import cluster_report, jaccard_dbscan
-from ..config import Config, to_dict, to_yaml
+from ..config import ClusterConfig, Config, to_yaml
 from ..data.datasets import ReidDataset
 from ..data.images import ImageDataset
 from ..data.loader import make_loader
 from ..data.sampler import BatchListSampler, epoch_batches
 from ..data.transforms import build_test_transform, build_train_transform
 from ..distributed import DistContext, gather_with_grad
-from ..errors import CheckpointError, ClusteringError, ConfigError, TrainingDiverged
+from ..errors import ClusteringError, ConfigError, TrainingDiverged
 from ..features import extract_features
 from ..ise import interpolation_weight
 from ..memory import ClusterMemory
@@ -47,6 +46,8 @@ from ..models import build_model, trainable_parameters
 from ..utils import atomic_write_text, failpoint
 from . import checkpoint as ckpt
 from .evaluate import evaluate_model
+from .records import EpochRecord
+from .run_state import RunFolder
 from .step import camera_losses, ise_losses
 
 log = logging.getLogger("isereid")
@@ -54,36 +55,84 @@ log = logging.getLogger("isereid")
 # Below this share of clusters spanning >= 2 cameras the log warns that pseudo-labels are camera-pure.
 CAMERA_PURE_WARNING = 0.2
 
-# Config sections that must match for a run folder to be resumed.
-_RESUME_MUST_MATCH = ("model", "data", "cluster", "memory", "ise", "optim")
+
+# (features (N, D) float tensor, camids (N,) int64) -> labels (N,) int64, -1 for outliers
+ClusterFn = Callable[[torch.Tensor, np.ndarray], np.ndarray]
+
+
+def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
+    """Pseudo-labels as configured: DBSCAN on Jaccard distances of k-reciprocal neighbours, of the
+    features normalised per camera first when ``cfg.camera_norm``."""
+    def cluster(features: torch.Tensor, camids: np.ndarray) -> np.ndarray:
+        if cfg.camera_norm:
+            features = camera_normalize(features, torch.as_tensor(camids))
+        return jaccard_dbscan(features, eps=cfg.eps, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
+                              knn_backend=cfg.knn_backend)
+
+    return cluster
+
+
+def check_distributed_batch(cfg: Config, world: int) -> None:
+    """ConfigError unless the global batch splits evenly into per-process batches that chunked BN can use."""
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by the number of "
+                          f"processes ({world})")
+    local = cfg.data.batch_size // world
+    if cfg.model.bn_mode == "chunk" and local > cfg.model.bn_chunk and local % cfg.model.bn_chunk:
+        raise ConfigError(f"with model.bn_mode=chunk the per-process batch ({local}) must be a multiple of "
+                          f"model.bn_chunk ({cfg.model.bn_chunk})")
+    if cfg.model.bn_mode == "chunk" and world > 1 and local < cfg.model.bn_chunk:
+        raise ConfigError(f"with model.bn_mode=chunk the per-process batch ({local}) must be at least "
+                          f"model.bn_chunk ({cfg.model.bn_chunk}); use fewer processes or bn_mode=sync")
+
+
+def tensorboard_writer(output_dir: Path):
+    """A SummaryWriter logging to ``output_dir/tensorboard``, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.info("tensorboard is not installed; curves go to metrics.jsonl only (pip install isereid[tensorboard])")
+        return None
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
 
 
 class Trainer:
     """Owns the model, optimizer, memory and run folder of one training run."""
 
-    def __init__(self, cfg: Config, dataset: ReidDataset, output_dir: Path, dist_ctx: DistContext):
+    def __init__(self, cfg: Config, dataset: ReidDataset, output_dir: Path, dist_ctx: DistContext, *,
+                 model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                 cluster_fn: Optional[ClusterFn] = None, writer=None, scaler=None):
+        """The run of ``cfg`` on ``dataset`` with the given parts (:meth:`from_config` builds them from ``cfg``).
+
+        model: the bare network on ``dist_ctx.device`` (images -> L2-normalised features); it is wrapped
+        in DistributedDataParallel here when ``dist_ctx`` is distributed. optimizer / scheduler: over its
+        parameters (``scheduler.step()`` once an epoch). cluster_fn: ``(features (N, D), camids (N,)) ->
+        labels (N,)`` with -1 for outliers, run on rank 0; default :func:`jaccard_clusterer` of
+        ``cfg.cluster`` (unused with ``train.supervised``). writer: a TensorBoard SummaryWriter or None.
+        scaler: a GradScaler, default one enabled for ``train.amp`` on CUDA.
+        """
         self.cfg = cfg
         self.dataset = dataset
         self.out = Path(output_dir)
+        self.run_folder = RunFolder(self.out)
         self.ctx = dist_ctx
         self.device = dist_ctx.device
-        self._check_distributed_batch()
+        check_distributed_batch(cfg, dist_ctx.world_size)
 
-        self.model = build_model(cfg.model).to(self.device)
-        if cfg.model.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.net: torch.nn.Module = self.model
+        self.model = model
+        self.net: torch.nn.Module = model
         if dist_ctx.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             with warnings.catch_warnings():  # newer torch renames it; the meaning (sync from rank 0) is what we need
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                self.net = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=True)
-        self.optimizer = torch.optim.Adam(trainable_parameters(self.model), lr=cfg.optim.lr,
-                                          weight_decay=cfg.optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.optim.step_size,
-                                                         gamma=cfg.optim.gamma)
+                self.net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.cluster_fn = cluster_fn if cluster_fn is not None else jaccard_clusterer(cfg.cluster)
         self.amp = bool(cfg.train.amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+        if scaler is None:
+            scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+        self.scaler = scaler
 
         # Training images sorted by path: the order of features, pseudo-labels and memory.
         self.train_samples = sorted(dataset.train, key=lambda s: s.path)
@@ -99,42 +148,35 @@ class Trainer:
                               f"(dataset {dataset.name} has none)")
         self.memory: Optional[ClusterMemory] = None
         self.pseudo_labels: Optional[np.ndarray] = None  # (N,) with -1 for outliers
-        self.history: list[dict] = []
+        self.history: list[EpochRecord] = []
         self.best_score = -1.0
         self.best_epoch = 0
         self.start_epoch = 0
-        self.writer = self._tensorboard_writer()
+        self.writer = writer
 
-    # ------------------------------------------------------------------ setup
-    def _check_distributed_batch(self) -> None:
-        cfg, world = self.cfg, self.ctx.world_size
-        if cfg.data.batch_size % world:
-            raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) must be divisible by the number of "
-                              f"processes ({world})")
-        local = cfg.data.batch_size // world
-        if cfg.model.bn_mode == "chunk" and local > cfg.model.bn_chunk and local % cfg.model.bn_chunk:
-            raise ConfigError(f"with model.bn_mode=chunk the per-process batch ({local}) must be a multiple of "
-                              f"model.bn_chunk ({cfg.model.bn_chunk})")
-        if cfg.model.bn_mode == "chunk" and world > 1 and local < cfg.model.bn_chunk:
-            raise ConfigError(f"with model.bn_mode=chunk the per-process batch ({local}) must be at least "
-                              f"model.bn_chunk ({cfg.model.bn_chunk}); use fewer processes or bn_mode=sync")
-
-    def _tensorboard_writer(self):
-        if not (self.cfg.train.tensorboard and self.ctx.is_main):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.info("tensorboard is not installed; curves go to metrics.jsonl only (pip install isereid[tensorboard])")
-            return None
-        return SummaryWriter(log_dir=str(self.out / "tensorboard"))
+    @classmethod
+    def from_config(cls, cfg: Config, dataset: ReidDataset, output_dir: Path, dist_ctx: DistContext) -> Trainer:
+        """The trainer of ``cfg``: build_model (channels_last when configured), Adam over the trainable
+        parameters, StepLR, the default GradScaler and clustering, a SummaryWriter on rank 0 when
+        ``train.tensorboard``."""
+        check_distributed_batch(cfg, dist_ctx.world_size)  # before building (maybe downloading) a model
+        model = build_model(cfg.model).to(dist_ctx.device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(trainable_parameters(model), lr=cfg.optim.lr,
+                                     weight_decay=cfg.optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
+        trainer = cls(cfg, dataset, output_dir, dist_ctx, model=model, optimizer=optimizer, scheduler=scheduler)
+        if cfg.train.tensorboard and dist_ctx.is_main:  # after the checks: no tensorboard folder for a bad config
+            trainer.writer = tensorboard_writer(trainer.out)
+        return trainer
 
     @property
     def total_steps(self) -> int:
         return self.cfg.optim.epochs * self.cfg.optim.iters
 
     # ------------------------------------------------------------------ main loop
-    def run(self) -> list[dict]:
+    def run(self) -> list[EpochRecord]:
         """Train from scratch or resume from ``checkpoint_last.pt``; returns the metrics history."""
         cfg = self.cfg
         if self.ctx.is_main:
@@ -147,17 +189,16 @@ class Trainer:
             atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
         for epoch in range(self.start_epoch, cfg.optim.epochs):
             started = time.time()
-            record: dict = {"epoch": epoch + 1}
             if self.memory is None or epoch % cfg.cluster.every == 0:
-                record.update(self.update_pseudo_labels(epoch))
+                parts = self.update_pseudo_labels(epoch)
             else:
-                record.update(self._label_counts())
-            record["lr"] = self.optimizer.param_groups[0]["lr"]
-            record.update(self.train_epoch(epoch))
+                parts = self._label_counts()
+            lr = self.optimizer.param_groups[0]["lr"]
+            parts.update(self.train_epoch(epoch))
             self.scheduler.step()
             if self._should_evaluate(epoch):
-                record.update(self.evaluate())
-            record["seconds"] = round(time.time() - started, 3)
+                parts.update(self.evaluate())
+            record = EpochRecord(epoch=epoch + 1, lr=lr, seconds=round(time.time() - started, 3), **parts)
             self.history.append(record)
             self.save(epoch, record)
             self._log_epoch(record)
@@ -173,7 +214,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ pseudo-labels
     def update_pseudo_labels(self, epoch: int) -> dict:
-        """Cluster the current training features and rebuild the memory (docs/method.md#pseudo-labels)."""
+        """Cluster the current training features and rebuild the memory (docs/method.md#pseudo-labels);
+        returns the epoch record's num_clusters, num_outliers and cluster."""
         cfg = self.cfg
         paths = [s.path for s in self.train_samples]
         features = extract_features(
@@ -187,11 +229,7 @@ class Trainer:
             if cfg.train.supervised:  # the ceiling: true identities in place of pseudo-labels
                 labels = np.unique(self.true_pids, return_inverse=True)[1].astype(np.int64).ravel()
             else:
-                clustered = features
-                if cfg.cluster.camera_norm:
-                    clustered = camera_normalize(features, torch.as_tensor(self.camids))
-                labels = jaccard_dbscan(clustered, eps=cfg.cluster.eps, k1=cfg.cluster.k1, k2=cfg.cluster.k2,
-                                        min_samples=cfg.cluster.min_samples, knn_backend=cfg.cluster.knn_backend)
+                labels = self.cluster_fn(features, self.camids)
         labels = np.asarray(self.ctx.broadcast_object(labels), dtype=np.int64)
         num_clusters = int(labels.max()) + 1 if len(labels) else 0
         if num_clusters < 2:
@@ -250,6 +288,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int) -> dict:
+        """One epoch of ``optim.iters`` steps; returns the epoch record's mean losses and interpolation_weight."""
         cfg, memory = self.cfg, self.memory
         assert memory is not None
         self.net.train()
@@ -323,12 +362,10 @@ class Trainer:
         return {k: round(v, 6) for k, v in evaluation.result.to_dict().items()}
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, epoch: int, record: dict) -> None:
-        """checkpoint_last.pt, then metrics.jsonl, then model_best.pt when improved — all atomic.
-        A kill between the writes is repaired on resume (metrics are rewritten from the
-        checkpoint's history, a stale best file is rewritten).
+    def save(self, epoch: int, record: EpochRecord) -> None:
+        """Update the best score and write the run folder (engine/run_state.py) after 0-based ``epoch``.
         Only rank 0 writes; the other ranks wait."""
-        score = record.get("mAP")
+        score = record.mAP
         is_best = score is not None and score > self.best_score
         if not self.dataset.has_test:  # nothing to select on: the latest model is the best one
             is_best = True
@@ -336,66 +373,27 @@ class Trainer:
             self.best_score = score if score is not None else self.best_score
             self.best_epoch = epoch + 1
         if self.ctx.is_main:
-            state = self.model.state_dict()
-            model_config = to_dict(self.cfg)["model"]
-            size = [self.cfg.data.height, self.cfg.data.width]
-            payload = ckpt.model_payload(state, model_config, epoch + 1, score, size)
-            payload.update({
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "memory": self.memory.centroids.detach().cpu() if self.memory is not None else None,
-                "camera_memory": ({k: v.detach().cpu() for k, v in self.camera_memory.state_dict().items()}
-                                  if self.camera_memory is not None else None),
-                "pseudo_labels": torch.as_tensor(self.pseudo_labels) if self.pseudo_labels is not None else None,
-                "best_score": self.best_score,
-                "best_epoch": self.best_epoch,
-                "history": self.history,
-                "rng": ckpt.rng_state(),
-                "config": to_dict(self.cfg),
-                "world_size": self.ctx.world_size,
-            })
-            ckpt.save(self.out / ckpt.LAST, payload)
-            self._write_metrics()
-            if is_best:
-                ckpt.save(self.out / ckpt.BEST, ckpt.model_payload(state, model_config, epoch + 1, score, size))
+            self.run_folder.save(
+                self.cfg, epoch + 1, score, is_best, model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, scaler=self.scaler, memory=self.memory, camera_memory=self.camera_memory,
+                pseudo_labels=self.pseudo_labels, best_score=self.best_score, best_epoch=self.best_epoch,
+                history=self.history, world_size=self.ctx.world_size)
         self.ctx.barrier()
-
-    def _write_metrics(self) -> None:
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
-        atomic_write_text(self.out / "metrics.jsonl", lines)
 
     def resume(self) -> None:
         """Continue from ``checkpoint_last.pt`` when the output folder has one."""
-        path = self.out / ckpt.LAST
-        if self.ctx.is_main and self.out.is_dir():
-            for stale in self.out.glob(".*.tmp"):  # left by a kill during an atomic write
-                stale.unlink(missing_ok=True)
-        if not path.exists():
+        folder = self.run_folder
+        if self.ctx.is_main:
+            folder.remove_stale_temp_files()
+        state = folder.read_last(self.cfg)
+        if state is None:
             return
-        state = ckpt.load(path)
-        saved_cfg = state.get("config", {})
-        current = to_dict(self.cfg)
-        for section in _RESUME_MUST_MATCH:
-            if saved_cfg.get(section) != current[section]:
-                diff = sorted(k for k in current[section]
-                              if saved_cfg.get(section, {}).get(k) != current[section][k])
-                keys = ", ".join(f"{section}.{k}" for k in diff)
-                raise CheckpointError(
-                    f"{path} belongs to a run with different {section} settings ({keys}); "
-                    "use a new --output-dir or the original settings"
-                )
-        try:
-            self.model.load_state_dict(state["state_dict"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot resume from {path}: {str(e).splitlines()[0]}") from None
+        folder.load_into(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                         scaler=self.scaler)
         self.start_epoch = int(state["epoch"])
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state["best_epoch"])
-        self.history = list(state["history"])[: self.start_epoch]
+        self.history = folder.history(state)
         if state.get("pseudo_labels") is not None and state.get("memory") is not None:
             self.pseudo_labels = state["pseudo_labels"].numpy()
             self.memory = ClusterMemory(state["memory"].to(self.device), temperature=self.cfg.memory.temperature,
@@ -407,49 +405,34 @@ class Trainer:
                 cam_state["proxy_cams"].to(self.device), **self._camera_kwargs())
         ckpt.set_rng_state(state["rng"])
         if self.ctx.is_main:
-            self._repair_best(state)
-            self._write_metrics()  # drop lines of an epoch that did not finish
-        log.info("resumed from %s at epoch %d/%d", path, self.start_epoch, self.cfg.optim.epochs)
-
-    def _repair_best(self, state: dict) -> None:
-        """A kill between writing checkpoint_last.pt and model_best.pt leaves a stale best file."""
-        best = self.out / ckpt.BEST
-        if self.best_epoch != self.start_epoch:
-            return
-        current_epoch = None
-        if best.exists():
-            try:
-                current_epoch = ckpt.load(best).get("epoch")
-            except CheckpointError:
-                current_epoch = None
-        if current_epoch != self.best_epoch:
-            ckpt.save(best, ckpt.model_payload(state["state_dict"], state["model_config"], state["epoch"],
-                                               state.get("mAP"), state.get("input_size")))
+            folder.repair(state)  # a stale model_best.pt; metrics lines of an epoch that did not finish
+        log.info("resumed from %s at epoch %d/%d", folder.last, self.start_epoch, self.cfg.optim.epochs)
 
     # ------------------------------------------------------------------ logging
-    def _log_epoch(self, record: dict) -> None:
+    def _log_epoch(self, record: EpochRecord) -> None:
         if not self.ctx.is_main:
             return
-        parts = [f"epoch {record['epoch']}/{self.cfg.optim.epochs}",
-                 f"clusters {record['num_clusters']}", f"outliers {record['num_outliers']}",
-                 f"loss {record['loss']:.4f}"]
-        if "mAP" in record:
-            parts.append(f"mAP {100 * record['mAP']:.1f}%  rank-1 {100 * record['rank1']:.1f}%")
-        cross = record.get("cluster", {}).get("cross_camera_clusters")
+        parts = [f"epoch {record.epoch}/{self.cfg.optim.epochs}",
+                 f"clusters {record.num_clusters}", f"outliers {record.num_outliers}",
+                 f"loss {record.loss:.4f}"]
+        if record.evaluated:
+            parts.append(f"mAP {100 * record.mAP:.1f}%  rank-1 {100 * record.rank1:.1f}%")
+        cluster = record.cluster or {}
+        cross = cluster.get("cross_camera_clusters")
         if cross is not None:
             parts.append(f"cross-camera clusters {100 * cross:.0f}%")
-        nmi = record.get("cluster", {}).get("nmi")
+        nmi = cluster.get("nmi")
         if nmi is not None:
             parts.append(f"NMI {nmi:.3f}")
-        parts.append(f"{record['seconds']:.0f}s")
+        parts.append(f"{record.seconds:.0f}s")
         log.info("  ".join(parts))
         if self.writer is not None:
-            step = record["epoch"]
+            step = record.epoch
             for key in ("num_clusters", "num_outliers", "loss", "loss_cc", "loss_lp", "loss_intra", "loss_inter", "lr",
                         "mAP", "rank1"):
-                if key in record:
-                    self.writer.add_scalar(f"epoch/{key}", record[key], step)
-            for key, value in record.get("cluster", {}).items():
+                if getattr(record, key) is not None:
+                    self.writer.add_scalar(f"epoch/{key}", getattr(record, key), step)
+            for key, value in cluster.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(f"cluster/{key}", value, step)
             self.writer.flush()

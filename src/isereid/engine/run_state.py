@@ -1,0 +1,141 @@
+"""A training run's folder: what it saves after each epoch and how a re-run continues from it.
+
+    checkpoint_last.pt   everything needed to continue (model, optimizer, scheduler, scaler, memories,
+                         pseudo-labels, best score, RNG states, the epoch records, the config)
+    metrics.jsonl        one EpochRecord a line, rewritten from the checkpoint's records on resume
+    model_best.pt        the model of the epoch with the best mAP (the latest one without a test split)
+
+Every file is written atomically, in that order, so a kill at any moment leaves complete files;
+what a kill between two writes leaves behind (a metrics line too many or too few, a stale best
+file, ``.*.tmp`` files) is repaired by :meth:`RunFolder.read_last` / :meth:`RunFolder.repair`.
+Only rank 0 touches the folder; the callers decide who calls.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..config import Config, to_dict
+from ..errors import CheckpointError
+from ..utils import atomic_write_text
+from . import checkpoint as ckpt
+from .records import EpochRecord
+
+# Config sections that must match for a run folder to be resumed.
+RESUME_MUST_MATCH = ("model", "data", "cluster", "memory", "ise", "optim")
+METRICS = "metrics.jsonl"
+
+
+class RunFolder:
+    """The checkpoint, best-model and metrics files of the run in ``path``."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @property
+    def last(self) -> Path:
+        return self.path / ckpt.LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / ckpt.BEST
+
+    # ------------------------------------------------------------------ writing
+    def save(self, cfg: Config, epoch: int, score: Optional[float], is_best: bool, *,
+             model: torch.nn.Module, optimizer, scheduler, scaler, memory=None, camera_memory=None,
+             pseudo_labels: Optional[np.ndarray] = None, best_score: float, best_epoch: int,
+             history: Sequence[EpochRecord], world_size: int = 1) -> None:
+        """checkpoint_last.pt, then metrics.jsonl, then model_best.pt when ``is_best``.
+        ``epoch`` is 1-based (the number of finished epochs); ``score`` its mAP or None."""
+        state = model.state_dict()
+        model_config = to_dict(cfg)["model"]
+        size = [cfg.data.height, cfg.data.width]
+        payload = ckpt.model_payload(state, model_config, epoch, score, size)
+        payload.update({
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "memory": memory.centroids.detach().cpu() if memory is not None else None,
+            "camera_memory": ({k: v.detach().cpu() for k, v in camera_memory.state_dict().items()}
+                              if camera_memory is not None else None),
+            "pseudo_labels": torch.as_tensor(pseudo_labels) if pseudo_labels is not None else None,
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "history": [r.to_dict() for r in history],
+            "rng": ckpt.rng_state(),
+            "config": to_dict(cfg),
+            "world_size": world_size,
+        })
+        ckpt.save(self.last, payload)
+        self.write_metrics(history)
+        if is_best:
+            ckpt.save(self.best, ckpt.model_payload(state, model_config, epoch, score, size))
+
+    def write_metrics(self, history: Sequence[EpochRecord]) -> None:
+        atomic_write_text(self.path / METRICS, "".join(r.to_json() + "\n" for r in history))
+
+    def remove_stale_temp_files(self) -> None:
+        """``.*.tmp`` files are what a kill during an atomic write leaves."""
+        if self.path.is_dir():
+            for stale in self.path.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reading
+    def read_last(self, cfg: Config) -> Optional[dict[str, Any]]:
+        """The contents of checkpoint_last.pt, or None when the folder has none. CheckpointError
+        when it belongs to a run with different settings in :data:`RESUME_MUST_MATCH`."""
+        path = self.last
+        if not path.exists():
+            return None
+        state = ckpt.load(path)
+        saved_cfg = state.get("config", {})
+        current = to_dict(cfg)
+        for section in RESUME_MUST_MATCH:
+            if saved_cfg.get(section) != current[section]:
+                diff = sorted(k for k in current[section]
+                              if saved_cfg.get(section, {}).get(k) != current[section][k])
+                keys = ", ".join(f"{section}.{k}" for k in diff)
+                raise CheckpointError(
+                    f"{path} belongs to a run with different {section} settings ({keys}); "
+                    "use a new --output-dir or the original settings"
+                )
+        return state
+
+    def load_into(self, state: dict, *, model: torch.nn.Module, optimizer, scheduler, scaler) -> None:
+        """Restore the model, optimizer, scheduler and scaler states of ``state`` (from read_last)."""
+        try:
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume from {self.last}: {str(e).splitlines()[0]}") from None
+
+    @staticmethod
+    def history(state: dict) -> list[EpochRecord]:
+        """The records of the epochs ``state`` finished (lines of a later, unfinished epoch dropped)."""
+        return [EpochRecord.from_dict(r) for r in state["history"][: int(state["epoch"])]]
+
+    def repair(self, state: dict) -> None:
+        """Make the files agree with ``state`` (from read_last) after a kill between two writes:
+        rewrite a stale model_best.pt and metrics.jsonl."""
+        self._repair_best(state)
+        self.write_metrics(self.history(state))
+
+    def _repair_best(self, state: dict) -> None:
+        """A kill between writing checkpoint_last.pt and model_best.pt leaves a stale best file."""
+        best_epoch = int(state["best_epoch"])
+        if best_epoch != int(state["epoch"]):
+            return
+        current_epoch = None
+        if self.best.exists():
+            try:
+                current_epoch = ckpt.load(self.best).get("epoch")
+            except CheckpointError:
+                current_epoch = None
+        if current_epoch != best_epoch:
+            ckpt.save(self.best, ckpt.model_payload(state["state_dict"], state["model_config"], state["epoch"],
+                                                    state.get("mAP"), state.get("input_size")))
