@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from isereid.cli import main
+from isereid.cli import build_parser, main, torchrun_command
+from isereid.data import Sample
+from isereid.features import load_features, save_features
 
 # The one training run of this module is the demo preset itself, shortened from 8 to 6 epochs
 # to fit CI, on the default demo dataset. Every tool test below reuses it.
@@ -115,6 +117,9 @@ def test_extract(trained_run, demo_root, tmp_path):
     assert data["features"].shape == (n, 512)
     np.testing.assert_allclose(np.linalg.norm(data["features"], axis=1), 1, atol=1e-5)
     assert set(data["splits"]) == {"train", "query", "gallery"} and (data["pids"][data["splits"] == "query"] > 0).all()
+    read = load_features(out)
+    for key in data.files:
+        np.testing.assert_array_equal(getattr(read, key), data[key])
     # the same features as the model gives directly
     import isereid
     from isereid.config import load_config
@@ -162,6 +167,16 @@ def test_export_onnx_parity(trained_run, tmp_path, capsys):
         np.testing.assert_allclose(got, model(images).numpy(), atol=1e-4)
 
 
+def test_export_format_is_documented_and_only_onnx(capsys):
+    parser = build_parser()
+    export = parser._subparsers._group_actions[0].choices["export"]
+    fmt = next(a for a in export._actions if a.dest == "format")
+    assert fmt.choices == ["onnx"] and fmt.default == "onnx" and "only" in fmt.help
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["export", "--checkpoint", "m.pt", "--output", "m.x", "--format", "tflite"])
+    assert exc.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
 def test_plot(trained_run, tmp_path):
     png = tmp_path / "c.png"
     assert main(["plot", str(trained_run), "--output", str(png)]) == 0
@@ -189,3 +204,83 @@ def test_not_a_checkpoint(tmp_path, demo_root, capsys):
     assert main(["test", "--config", "demo", "--data-root", str(demo_root), "--checkpoint", str(bogus)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bogus.pt" in err[0]
+
+
+# ---------------------------------------------------------------------------- library parts of the commands
+def test_torchrun_command_drops_only_nproc():
+    cmd = torchrun_command(["train", "--nproc", "2", "--config", "demo", "--nproc=3", "optim.epochs=1",
+                            "--output-dir", "--nproc-dir"], 4)
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "isereid",
+                       "train", "--config", "demo", "optim.epochs=1", "--output-dir", "--nproc-dir"]
+
+
+def test_train_nproc_relaunches_the_argv_given_to_main(monkeypatch):
+    import sys
+
+    from isereid import cli
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 7)
+    monkeypatch.setattr(sys, "argv", ["pytest", "something", "else"])  # must not be what is re-run
+    argv = ["train", "--config", "demo", "--nproc", "2", "optim.epochs=1"]
+    assert main(argv) == 7  # the exit status of torchrun
+    assert calls == [torchrun_command(argv, 2)]
+    assert calls[0][-4:] == ["train", "--config", "demo", "optim.epochs=1"]
+    # without an argv, main reads the command line like any console script
+    monkeypatch.setattr(sys, "argv", ["isereid", "train", "--nproc=3", "--config", "demo"])
+    assert main() == 7 and calls[1] == torchrun_command(["train", "--nproc=3", "--config", "demo"], 3)
+
+
+def test_finish_training_names_the_trainers_best_epoch(monkeypatch, tmp_path):
+    import logging
+
+    from isereid import cli, plotting
+    from isereid.engine.records import EpochRecord
+
+    monkeypatch.setattr(plotting, "plot_metrics", lambda out: out / "curves.png")
+    base = dict(num_clusters=3, num_outliers=0, loss=1.0, loss_cc=1.0, loss_lp=0.0, lr=1e-3, seconds=1.0,
+                interpolation_weight=0.5)
+    history = [EpochRecord(epoch=1, **base), EpochRecord(epoch=2, mAP=0.3, rank1=0.5, **base),
+               EpochRecord(epoch=3, **base), EpochRecord(epoch=4, mAP=0.3, rank1=0.6, **base)]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    cli.log.addHandler(handler)
+    level = cli.log.level
+    cli.log.setLevel(logging.INFO)
+    try:
+        cli._finish_training(tmp_path, history, best_epoch=2)  # a tie: the trainer kept the first
+        cli._finish_training(tmp_path, history[:1], best_epoch=1)  # nothing evaluated
+    finally:
+        cli.log.removeHandler(handler)
+        cli.log.setLevel(level)
+    done = [r.getMessage() for r in records if r.getMessage().startswith("done")]
+    assert done == [f"done: best mAP 30.0% (rank-1 50.0%) at epoch 2; {tmp_path / 'model_best.pt'}",
+                    f"done: {tmp_path / 'checkpoint_last.pt'}"]
+
+
+def test_save_and_load_features_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = torch.from_numpy(rng.standard_normal((5, 7)).astype(np.float32))
+    samples = [Sample(f"/data/{i:04d}_c{i % 3 + 1}s1_000000_00.jpg", i if i < 4 else -1, i % 3) for i in range(5)]
+    splits = ["train", "train", "query", "gallery", "gallery"]
+    path = tmp_path / "sub" / "feats.bin"  # the exact name given, no ".npz" appended
+    save_features(path, feats, samples, splits)
+    assert [p.name for p in path.parent.iterdir()] == ["feats.bin"]  # no temp file left
+    back = load_features(path)
+    np.testing.assert_array_equal(back.features, feats.numpy())
+    assert back.features.dtype == np.float32 and back.pids.dtype == np.int64 and back.camids.dtype == np.int64
+    assert back.paths.tolist() == [s.path for s in samples] and back.splits.tolist() == splits
+    assert back.pids.tolist() == [0, 1, 2, 3, -1] and back.camids.tolist() == [0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="5 feature rows, 5 samples and 4 splits"):
+        save_features(path, feats, samples, splits[:4])
+    np.savez(tmp_path / "other.npz", features=feats.numpy())
+    (tmp_path / "text.npz").write_text("hello")
+    from isereid.errors import DatasetError
+
+    for name, needle in (("other.npz", "no paths, pids, camids, splits"), ("text.npz", "cannot read"),
+                         ("missing.npz", "cannot read")):
+        with pytest.raises(DatasetError, match=needle) as exc:
+            load_features(tmp_path / name)
+        assert name in str(exc.value) and "\n" not in str(exc.value)

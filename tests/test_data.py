@@ -25,6 +25,7 @@ from isereid.data import (
     build_test_transform,
     build_train_transform,
     check_images,
+    drop_unreadable,
     epoch_batches,
     images_in_folder,
     parse_image_name,
@@ -310,6 +311,28 @@ def test_check_images_detects_truncated_and_non_images(tmp_path):
     assert "data.max_bad_fraction" in msg and "trunc.jpg" in msg and "2 of 8" in msg
     assert check_images(good, 0.0) == (good, [])
     assert check_images([], 0.0) == ([], [])
+
+
+def test_drop_unreadable_filters_train_only(tmp_path):
+    good = [Sample(write_image(tmp_path / "train" / f"{i:04d}_c1s1_000000_00.jpg", size=(64, 128)), i, 0)
+            for i in range(5)]
+    full = Path(good[0].path).read_bytes()
+    truncated = Sample(touch(tmp_path / "train" / "trunc.jpg", full[: len(full) // 2]), 9, 1)
+    broken_query = Sample(touch(tmp_path / "query" / "q.jpg", b"not an image"), 3, 0)
+    gallery = [Sample(write_image(tmp_path / "gallery" / "g.jpg"), 3, 1)]
+    ds = ReidDataset("folder", str(tmp_path), train=good[:2] + [truncated] + good[2:], query=[broken_query],
+                     gallery=gallery)
+    kept, bad = drop_unreadable(ds, max_bad_fraction=0.2)
+    assert bad == [truncated.path] and kept.train == good
+    # the test splits and the name are untouched, and the input dataset is not modified
+    assert (kept.name, kept.root, kept.query, kept.gallery) == ("folder", str(tmp_path), [broken_query], gallery)
+    assert ds.train[2] == truncated and len(ds.train) == 6
+    assert drop_unreadable(ReidDataset("folder", str(tmp_path), train=good), 0.0) == (
+        ReidDataset("folder", str(tmp_path), train=good), [])
+    with pytest.raises(DatasetError) as exc:  # 1 of 6 > 0.1
+        drop_unreadable(ds, max_bad_fraction=0.1)
+    msg = str(exc.value)
+    assert "trunc.jpg" in msg and "1 of 6" in msg and "data.max_bad_fraction" in msg and "\n" not in msg
 
 
 # ---------------------------------------------------------------------------- transforms

@@ -30,6 +30,7 @@ from isereid.models import (
     extract_state_dict,
     infer_model_config,
     load_model,
+    load_model_and_meta,
     safe_load,
     trainable_parameters,
 )
@@ -315,6 +316,35 @@ def test_own_checkpoint_round_trip(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "bare.pth")
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "bare.pth")(x), model(x))
+
+
+def test_load_model_and_meta_reads_the_file_once(tmp_path, monkeypatch):
+    from isereid.engine import checkpoint as ckpt
+    from isereid.models import loading
+
+    torch.manual_seed(0)
+    model = build_model(_cfg(pooling="gem")).eval()
+    path = tmp_path / "model_best.pt"
+    torch.save(ckpt.model_payload(model.state_dict(), vars(_cfg(pooling="gem")), 4, np.float64(0.25), [64, 32]),
+               path)
+    reads = []
+    real_load = loading.safe_load
+    monkeypatch.setattr(loading, "safe_load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    loaded, meta = load_model_and_meta(path)
+    assert reads == [path]
+    assert (meta.input_size, meta.epoch, meta.mAP) == ((64, 32), 4, 0.25)
+    assert (meta.model_config.arch, meta.model_config.pooling) == ("resnet18", "gem") and not loaded.training
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    # a reference file says nothing but its weights: the layout is inferred, the rest is unknown
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ref.pth.tar")
+    _, ref = load_model_and_meta(tmp_path / "ref.pth.tar")
+    assert (ref.input_size, ref.epoch, ref.mAP, ref.model_config.pooling) == (None, None, None, "gem")
+    # a malformed input size is a one-line CheckpointError naming the file
+    torch.save(ckpt.model_payload(model.state_dict(), vars(_cfg(pooling="gem")), 4, None, [64]), path)
+    with pytest.raises(CheckpointError, match="model_best.pt: input_size is \\[64\\]"):
+        load_model_and_meta(path)
 
 
 class _Evil:

@@ -74,8 +74,9 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_with_torchrun(args.nproc)
+        return _relaunch_with_torchrun(args.argv, args.nproc)
     from .data.datasets import build_dataset
+    from .data.images import drop_unreadable, name_paths
     from .distributed import init_distributed, shutdown_distributed
     from .engine.trainer import Trainer
     from .utils import seed_everything
@@ -91,46 +92,38 @@ def cmd_train(args: argparse.Namespace) -> int:
             _add_log_file(out / "train.log")
         seed_everything(cfg.seed, cfg.deterministic)
         dataset = build_dataset(cfg.data.dataset, cfg.data.root)
-        dataset = _drop_unreadable(dataset, cfg.data.max_bad_fraction)
+        dataset, bad = drop_unreadable(dataset, cfg.data.max_bad_fraction)
+        if bad:
+            log.warning("skipping %d unreadable training image(s): %s", len(bad), name_paths(bad))
         log.info("%s", dataset.summary())
         if ctx.enabled:
             log.info("distributed: %d processes, global batch %d", ctx.world_size, cfg.data.batch_size)
         trainer = Trainer.from_config(cfg, dataset, out, ctx)
         history = trainer.run()
         if ctx.is_main:
-            _finish_training(out, history, trainer)
+            _finish_training(out, history, trainer.best_epoch)
     finally:
         shutdown_distributed()
     return 0
 
 
-def _drop_unreadable(dataset, max_bad_fraction: float):
-    from dataclasses import replace
-
-    from .data.images import check_images, name_paths
-
-    train, bad = check_images(dataset.train, max_bad_fraction)
-    if bad:
-        log.warning("skipping %d unreadable training image(s): %s", len(bad), name_paths(bad))
-    return replace(dataset, train=train)
-
-
-def _finish_training(out: Path, history: list, trainer) -> None:
-    """Draw the curves and name the best epoch (``history``: the run's EpochRecords)."""
+def _finish_training(out: Path, history: list, best_epoch: int) -> None:
+    """Draw the curves and name the best epoch (``history``: the run's EpochRecords; ``best_epoch``:
+    the 1-based epoch the trainer saved as model_best.pt)."""
     from .plotting import plot_metrics
 
     log.info("curves: %s", plot_metrics(out))
-    scored = [r for r in history if r.evaluated]
-    if scored:
-        best = max(scored, key=lambda r: r.mAP)
+    best = next((r for r in history if r.epoch == best_epoch and r.evaluated), None)
+    if best is not None:
         log.info("done: best mAP %.1f%% (rank-1 %.1f%%) at epoch %d; %s", 100 * best.mAP, 100 * best.rank1,
                  best.epoch, out / "model_best.pt")
     else:
         log.info("done: %s", out / "checkpoint_last.pt")
 
 
-def _relaunch_with_torchrun(nproc: int) -> int:
-    argv = [a for a in sys.argv[1:]]
+def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
+    """The torchrun command line that re-runs ``isereid ARGV`` (``argv`` as given to :func:`main`)
+    in ``nproc`` processes: ``--nproc N`` / ``--nproc=N`` removed, everything else in order."""
     cleaned, skip = [], False
     for a in argv:
         if skip:
@@ -142,8 +135,12 @@ def _relaunch_with_torchrun(nproc: int) -> int:
         if a.startswith("--nproc="):
             continue
         cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "isereid", *cleaned]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "isereid", *cleaned]
+
+
+def _relaunch_with_torchrun(argv: Sequence[str], nproc: int) -> int:
+    cmd = torchrun_command(argv, nproc)
     log.info("launching: %s", " ".join(cmd))
     return subprocess.call(cmd)
 
@@ -184,25 +181,18 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def _model_and_input_size(args: argparse.Namespace):
-    """The checkpoint's model and the (H, W) to feed it: --height/--width, else the size stored
-    in an isereid checkpoint, else the --config's, else 256x128."""
+    """The checkpoint's model and the (H, W) to feed it: --height/--width, else the --config's size,
+    else the size stored in an isereid checkpoint, else 256x128."""
     from .config import load_config
-    from .models import load_model
-    from .models.state_io import safe_load
+    from .models import load_model_and_meta
 
-    model = load_model(args.checkpoint, map_location="cpu")
-    size = None
+    model, meta = load_model_and_meta(args.checkpoint, map_location="cpu")
     if getattr(args, "config", None):
         cfg = load_config(args.config)
         size = (cfg.data.height, cfg.data.width)
     else:
-        stored = safe_load(args.checkpoint, map_location="cpu")
-        if isinstance(stored, dict) and stored.get("input_size"):
-            size = tuple(int(v) for v in stored["input_size"])
-    size = size or (256, 128)
-    height = args.height or size[0]
-    width = args.width or size[1]
-    return model, height, width
+        size = meta.input_size or (256, 128)
+    return model, args.height or size[0], args.width or size[1]
 
 
 def _transform(height: int, width: int):
@@ -213,12 +203,10 @@ def _transform(height: int, width: int):
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .config import load_config
     from .data.datasets import build_dataset, images_in_folder
-    from .features import extract_features
-    from .utils import atomic_write, resolve_device
+    from .features import extract_features, save_features
+    from .utils import resolve_device
 
     model, height, width = _model_and_input_size(args)
     device = resolve_device(args.device)
@@ -235,13 +223,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             splits += [split] * len(part)
     feats = extract_features(model.to(device), [s.path for s in samples], _transform(height, width),
                              batch_size=args.batch_size, workers=args.workers, device=device, desc="extract")
-
-    def write(f):
-        np.savez(f, features=feats.numpy(), paths=np.array([s.path for s in samples]),
-                 pids=np.array([s.pid for s in samples], dtype=np.int64),
-                 camids=np.array([s.camid for s in samples], dtype=np.int64), splits=np.array(splits))
-
-    atomic_write(args.output, write)
+    save_features(args.output, feats, samples, splits)
     log.info("wrote %d x %d features to %s", feats.shape[0], feats.shape[1], args.output)
     return 0
 
@@ -371,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="export a checkpoint to ONNX, verified with onnxruntime")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--format", choices=["onnx"], default="onnx",
+                   help="file format; onnx, the default, is the only one")
     p.add_argument("--output", required=True)
     p.add_argument("--config", help="preset or YAML giving the input size")
     p.add_argument("--height", type=int)
@@ -402,8 +385,11 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``isereid ARGV`` (default: ``sys.argv[1:]``); the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # a command that re-launches itself (train --nproc) re-runs these
     _setup_logging()
     try:
         return COMMANDS[args.command](args)

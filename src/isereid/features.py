@@ -1,15 +1,22 @@
-"""Batched feature extraction on any device (sharded across ranks when distributed)."""
+"""Batched feature extraction on any device (sharded across ranks when distributed), and the
+``.npz`` file of ``isereid extract``."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data.datasets import Sample
 from .data.images import ImageDataset
 from .data.loader import make_loader
 from .distributed import DistContext
+from .errors import DatasetError
+from .utils import atomic_path
 
 
 @torch.no_grad()
@@ -55,3 +62,52 @@ def extract_features(
         dim = getattr(model, "num_features", None) or getattr(getattr(model, "module", None), "num_features", 0)
         local = torch.zeros((0, dim), device=device)
     return ctx.all_gather_uneven(local).cpu()
+
+
+# ---------------------------------------------------------------------------- the .npz file
+FEATURE_FILE_KEYS = ("features", "paths", "pids", "camids", "splits")
+
+
+@dataclass(frozen=True)
+class FeatureFile:
+    """The contents of a features ``.npz``: row ``i`` of every array describes image ``i``.
+
+    features (N, D) float32; paths (N,) str; pids (N,) int64 (-1 = unknown); camids (N,) int64;
+    splits (N,) str, the split each image came from ("train", "query", "gallery" or "images").
+    """
+
+    features: np.ndarray
+    paths: np.ndarray
+    pids: np.ndarray
+    camids: np.ndarray
+    splits: np.ndarray
+
+
+def save_features(path: str | os.PathLike, features: torch.Tensor | np.ndarray, samples: Sequence[Sample],
+                  splits: Sequence[str]) -> None:
+    """Write ``features`` (N, D) of ``samples`` (N) with their ``splits`` (N) to the ``.npz`` at
+    ``path`` (that exact name), atomically: a reader never sees a half-written file."""
+    feats = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    if not (len(feats) == len(samples) == len(splits)):
+        raise ValueError(f"{len(feats)} feature rows, {len(samples)} samples and {len(splits)} splits")
+    # np.savez appends ".npz" to a name without it: the temp name ends in it so the rename moves that file
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, features=feats, paths=np.array([s.path for s in samples]),
+                 pids=np.array([s.pid for s in samples], dtype=np.int64),
+                 camids=np.array([s.camid for s in samples], dtype=np.int64), splits=np.array(splits))
+
+
+def load_features(path: str | os.PathLike) -> FeatureFile:
+    """The :class:`FeatureFile` written by :func:`save_features`; DatasetError naming ``path`` when the
+    file is missing, not an ``.npz`` or lacks one of the arrays."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read features file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{path} is not a features file: a single array, not an .npz")
+    with data:
+        missing = [k for k in FEATURE_FILE_KEYS if k not in data.files]
+        if missing:
+            raise DatasetError(f"{path} is not a features file: no {', '.join(missing)}")
+        return FeatureFile(**{k: data[k] for k in FEATURE_FILE_KEYS})

@@ -10,7 +10,7 @@ from .datasets import (
     parse_image_name,
 )
 from .demo import generate_demo_data
-from .images import ImageDataset, check_images
+from .images import ImageDataset, check_images, drop_unreadable
 from .sampler import BatchListSampler, epoch_batches, sample_pass
 from .transforms import (
     IMAGENET_MEAN,
@@ -22,7 +22,7 @@ from .transforms import (
 
 __all__ = [
     "DATASET_NAMES", "ReidDataset", "Sample", "build_dataset", "images_in_folder", "parse_image_name",
-    "ImageDataset", "check_images", "BatchListSampler", "epoch_batches", "sample_pass",
+    "ImageDataset", "check_images", "drop_unreadable", "BatchListSampler", "epoch_batches", "sample_pass",
     "IMAGENET_MEAN", "IMAGENET_STD", "ReferenceRandomErasing", "build_test_transform", "build_train_transform",
     "generate_demo_data",
 ]

@@ -1,6 +1,7 @@
 """Reading images: a map-style torch Dataset and a fast pre-flight check for broken files."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
@@ -9,6 +10,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from ..errors import DatasetError
+from .datasets import ReidDataset
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -88,3 +90,15 @@ def check_images(samples: Sequence, max_bad_fraction: float, workers: Optional[i
             f"fix or remove them, or raise data.max_bad_fraction (now {max_bad_fraction})"
         )
     return good, bad
+
+
+def drop_unreadable(dataset: ReidDataset, max_bad_fraction: float,
+                    workers: Optional[int] = None) -> tuple[ReidDataset, list[str]]:
+    """The training policy for broken files: ``(dataset without its unreadable training images,
+    their paths)``; query and gallery are left as they are (a broken test image fails loudly later).
+
+    Raises DatasetError naming one file when more than ``max_bad_fraction`` of the training images
+    are unreadable (:func:`check_images`). The caller says which files were skipped.
+    """
+    train, bad = check_images(dataset.train, max_bad_fraction, workers)
+    return dataclasses.replace(dataset, train=train), bad

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .backbones import build_backbone
 from .batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, convert_batchnorm
-from .loading import infer_model_config, load_model
+from .loading import CheckpointMeta, infer_model_config, load_model, load_model_and_meta
 from .pooling import GeneralizedMeanPooling, build_pooling
 from .reid import ReidNet, build_model, trainable_parameters
 from .state_io import extract_state_dict, safe_load
@@ -14,6 +14,8 @@ __all__ = [
     "build_model",
     "trainable_parameters",
     "load_model",
+    "load_model_and_meta",
+    "CheckpointMeta",
     "safe_load",
     "convert_batchnorm",
     "build_backbone",

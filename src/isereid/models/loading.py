@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -63,12 +63,35 @@ def _config_from_dict(stored: Mapping[str, Any]) -> ModelConfig:
     return dataclasses.replace(cfg, pretrained=False, pretrained_path=None, bn_mode="plain")
 
 
-def load_model(path, map_location: Any = "cpu") -> nn.Module:
-    """The re-ID network stored in ``path`` (isereid checkpoint or reference ``.pth.tar``), in eval mode.
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a model file says besides its weights; ``None`` where the file does not say
+    (a reference ``.pth.tar`` stores no input size).
 
-    isereid checkpoints are rebuilt from their ``model_config``; other files from the layout of
-    their state dict (:func:`infer_model_config`). Loading is strict.
+    model_config: the network's :class:`ModelConfig` (stored or inferred). input_size: the (H, W)
+    the network was trained at. epoch: the (1-based) epoch of the weights. mAP: their evaluation mAP.
     """
+
+    model_config: ModelConfig
+    input_size: Optional[tuple[int, int]] = None
+    epoch: Optional[int] = None
+    mAP: Optional[float] = None
+
+
+def _input_size(path, obj: Any) -> Optional[tuple[int, int]]:
+    stored = obj.get("input_size") if isinstance(obj, Mapping) else None
+    if not stored:
+        return None
+    try:
+        height, width = (int(v) for v in stored)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: input_size is {stored!r}, not [height, width]") from None
+    return height, width
+
+
+def load_model_and_meta(path, map_location: Any = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+    """The re-ID network stored in ``path`` (in eval mode, as :func:`load_model`) and the file's
+    :class:`CheckpointMeta`, reading the file once."""
     obj = safe_load(path, map_location=map_location)
     try:
         state = extract_state_dict(obj)
@@ -81,9 +104,28 @@ def load_model(path, map_location: Any = "cpu") -> nn.Module:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # bad values in a stored model_config
         raise CheckpointError(f"{path}: unusable model_config ({_first_line(e)})") from None
+    meta = CheckpointMeta(model_config=cfg, input_size=_input_size(path, obj),
+                          epoch=_optional(obj, "epoch", int), mAP=_optional(obj, "mAP", float))
     model = build_model(cfg)
     load_state_strict(model, state, str(path), f"{cfg.arch}/{cfg.pooling}")
     device = map_location if isinstance(map_location, (str, torch.device)) else None
     if device is not None:
         model = model.to(device)
-    return model.eval()
+    return model.eval(), meta
+
+
+def _optional(obj: Any, key: str, kind: type):
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    try:
+        return None if value is None else kind(value)
+    except (TypeError, ValueError):
+        return None  # informational only: a foreign file's odd value is not worth refusing the weights
+
+
+def load_model(path, map_location: Any = "cpu") -> nn.Module:
+    """The re-ID network stored in ``path`` (isereid checkpoint or reference ``.pth.tar``), in eval mode.
+
+    isereid checkpoints are rebuilt from their ``model_config``; other files from the layout of
+    their state dict (:func:`infer_model_config`). Loading is strict.
+    """
+    return load_model_and_meta(path, map_location)[0]
