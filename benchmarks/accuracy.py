@@ -98,7 +98,7 @@ def _mean_std(values: list) -> tuple:
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)  # no std of one run
 
 
 def summarise(variant: str, runs: list[dict]) -> dict:
@@ -110,7 +110,9 @@ def summarise(variant: str, runs: list[dict]) -> dict:
 
 
 def _pct(mean, std) -> str:
-    return "–" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def table(rows: list[dict]) -> str:
