@@ -89,15 +89,17 @@ def test_supervised_uses_true_identities(tiny_demo, tmp_path):
         Trainer.from_config(trainer.cfg, unlabeled, tmp_path / "x", DistContext())
 
 
-def test_camera_pure_warning(tiny_demo, tmp_path, caplog):
-    trainer = _trainer(tiny_demo, tmp_path / "w")
+@pytest.mark.parametrize("camera_aware,hint", [("false", "memory.camera_aware=true cluster.camera_norm=true"),
+                                                ("true", "cluster.camera_norm=true or a larger cluster.eps")])
+def test_camera_pure_warning(tiny_demo, tmp_path, caplog, camera_aware, hint):
+    trainer = _trainer(tiny_demo, tmp_path / "w", f"memory.camera_aware={camera_aware}", "cluster.camera_norm=false")
     labels = np.where(trainer.camids == 0, 0, 1)  # one cluster per camera (3 cameras -> 0 and 1)
     labels[trainer.camids == 2] = 2
     report = cluster_report(labels, cameras=trainer.camids)
     assert report.cross_camera_clusters == 0.0
     with caplog.at_level(logging.WARNING, logger="isereid"):
         trainer._warn_camera_pure(0, report)
-    assert "camera-pure" in caplog.text and "memory.camera_aware=true" in caplog.text
+    assert "camera-pure" in caplog.text and hint in caplog.text
     caplog.clear()
     mixed = cluster_report(np.arange(len(labels)) % 3, cameras=trainer.camids)
     with caplog.at_level(logging.WARNING, logger="isereid"):
