@@ -16,6 +16,11 @@ from ..losses import label_preserving_loss
 from ..memory import ClusterMemory
 
 
+def _fp32(features: torch.Tensor) -> torch.Tensor:
+    """Half-precision autocast output -> float32; the losses and memories work in float32."""
+    return features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+
+
 @dataclass
 class StepLosses:
     total: torch.Tensor  # scalar, with grad
@@ -43,8 +48,7 @@ def ise_losses(
     * Both off: plain Cluster Contrast.
     Supports are computed from the memory *before* this iteration's update.
     """
-    if features.dtype in (torch.float16, torch.bfloat16):  # autocast output
-        features = features.float()
+    features = _fp32(features)
     need_supports = ise.pil or ise.lp
     supports = support_samples(features, labels, memory.centroids, weight, topk=ise.topk) if need_supports else None
     if ise.pil:
@@ -79,8 +83,7 @@ def camera_losses(features: torch.Tensor, labels: torch.Tensor, camids: torch.Te
     """The camera-aware terms (docs/camera_aware.md) on the real samples f (B, D) only.
 
     Supports stay out: they interpolate between identities in the cluster memory and have no camera."""
-    if features.dtype in (torch.float16, torch.bfloat16):
-        features = features.float()
+    features = _fp32(features)
     intra = memory.intra_loss(features, labels, camids)
     inter = memory.inter_loss(features, labels, camids)
     total = memory_cfg.camera_intra_weight * intra + memory_cfg.camera_inter_weight * inter

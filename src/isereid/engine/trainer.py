@@ -139,7 +139,8 @@ class Trainer:
         true_pids = np.array([s.pid for s in self.train_samples])
         self.true_pids = true_pids if len(true_pids) and (true_pids >= 0).all() else None
         self.camids = np.array([s.camid for s in self.train_samples], dtype=np.int64)
-        if (cfg.memory.camera_aware or cfg.cluster.camera_norm) and len(np.unique(self.camids)) < 2:
+        self.multi_camera = len(np.unique(self.camids)) >= 2
+        if (cfg.memory.camera_aware or cfg.cluster.camera_norm) and not self.multi_camera:
             raise ConfigError(f"memory.camera_aware / cluster.camera_norm need images from two or more cameras; "
                               f"the training images of {dataset.name} have a single camera id (or none)")
         self.camera_memory: Optional[CameraProxyMemory] = None
@@ -254,7 +255,7 @@ class Trainer:
 
     def _warn_camera_pure(self, epoch: int, report) -> None:
         """Clusters that each hold one camera's images teach within-camera matching, not re-ID."""
-        if not self.ctx.is_main or len(np.unique(self.camids)) < 2 or self.cfg.train.supervised:
+        if not self.ctx.is_main or not self.multi_camera or self.cfg.train.supervised:
             return
         share = report.cross_camera_clusters
         if share is not None and share < CAMERA_PURE_WARNING:
@@ -294,7 +295,7 @@ class Trainer:
         self.net.train()
         loader = self._epoch_loader(epoch)
         sums = {"loss": 0.0, "loss_cc": 0.0, "loss_lp": 0.0}
-        cam_memory = self.camera_memory if cfg.memory.camera_aware else None
+        cam_memory = self.camera_memory  # None unless memory.camera_aware
         if cam_memory is not None:
             sums.update(loss_intra=0.0, loss_inter=0.0)
         # Camera of each row of this epoch's dataset (the loader yields row indices).

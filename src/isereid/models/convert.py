@@ -74,14 +74,10 @@ def import_backbone_weights(src: str, arch: str, output: str) -> dict:
 
     Returns ``{"layout", "tensors", "output"}``."""
     from ..utils import atomic_torch_save
-    from .backbones import _check_arch, trunk_from_state
-    from .state_io import extract_state_dict, safe_load
+    from .backbones import _check_arch, load_backbone_file, trunk_from_state
 
     _check_arch(arch)
-    try:
-        state = extract_state_dict(safe_load(src, map_location="cpu"))
-    except CheckpointError as e:
-        raise CheckpointError(f"{src}: {e}") if not str(e).startswith(str(src)) else e from None
+    state = load_backbone_file(src)
     converted, layout = convert_backbone_state(state, arch)
     trunk_from_state(arch, converted, str(src))  # raises on any mismatch
     atomic_torch_save(dict(converted), output)
