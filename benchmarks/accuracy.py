@@ -13,6 +13,7 @@ docs/reference_quirks.md). Variants:
 * ``pil`` / ``lp``: ISE with only the support samples in the contrastive loss / only the LP loss;
 * ``ise``: the preset (both);
 * ``camera_aware``: ISE + camera-aware proxies + camera-mean normalisation before clustering;
+* ``camera_associate``: ``camera_aware`` + cross-camera association of clusters (``cluster.associate``);
 * ``supervised``: the same trainer and budget, with the true identities of the file names as labels:
   the ceiling pseudo-labels can reach. ``label efficiency`` = variant mAP / supervised mAP.
 * ``NAME`` defined with ``--define NAME="key=value key=value"``.
@@ -39,6 +40,7 @@ VARIANTS = {
     "lp": ["ise.pil=false"],
     "ise": [],
     "camera_aware": ["memory.camera_aware=true", "cluster.camera_norm=true"],
+    "camera_associate": ["memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true"],
     "supervised": ["train.supervised=true"],
 }
 

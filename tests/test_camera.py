@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isereid.camera import CameraProxyMemory, camera_normalize
+from isereid.camera import CameraProxyMemory, associate_clusters, camera_normalize
 
 
 def unit(*shape, seed=0, dtype=torch.float64):
@@ -495,3 +495,96 @@ def test_missing_pair_and_bad_batches_are_rejected():
         mem.intra_loss(rows, ok_labels, ok_cams.float())
     with pytest.raises(TypeError):  # integer features
         mem.inter_loss(torch.ones(2, 4, dtype=torch.long), ok_labels, ok_cams)
+
+
+# ----------------------------------------------------------------------------- associate_clusters
+def associate_oracle(x, labels, cams, min_sim):
+    """Loops in float64: centres, each cluster's most similar cluster sharing no camera, mutual pairs
+    at >= min_sim merged, clusters renumbered by their smallest old label."""
+    ids = sorted({int(v) for v in labels if v >= 0})
+    centre, seen = {}, {}
+    for c in ids:
+        rows = [i for i in range(len(labels)) if labels[i] == c]
+        m = sum(x[i].double() for i in rows)
+        centre[c] = m / m.norm()
+        seen[c] = {int(cams[i]) for i in rows}
+    partner, best = {}, {}
+    for a in ids:
+        for b in ids:  # first maximum wins, as torch's max over the row
+            if seen[a] & seen[b]:
+                continue
+            s = float(centre[a] @ centre[b])
+            if a not in best or s > best[a]:
+                partner[a], best[a] = b, s
+    group = {c: c for c in ids}
+    for a in ids:
+        b = partner.get(a)
+        if b is not None and partner.get(b) == a and best[a] >= min_sim and a < b:
+            group[b] = a  # pairs are disjoint: a is the smaller label of its pair
+    new_ids = sorted(set(group.values()))
+    return np.array([new_ids.index(group[int(v)]) if v >= 0 else -1 for v in labels])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("cameras,min_sim,block", [(2, 0.0, 4096), (3, -1.0, 3), (5, 0.2, 2), (2, 0.9, 1)])
+def test_associate_matches_loop(seed, cameras, min_sim, block):
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    x = unit(n, 5, seed=seed)
+    # labels with gaps and outliers; each cluster mostly from one camera, some from several
+    labels = torch.randint(-1, 14, (n,), generator=g).numpy() * 3
+    labels[labels < 0] = -1
+    cams = torch.randint(0, cameras, (n,), generator=g).numpy()
+    pure = torch.rand(n, generator=g).numpy() < 0.8
+    cams = np.where(pure, (labels // 3) % cameras, cams) + 10  # camera ids need not start at 0
+    ours = associate_clusters(x.float(), labels, cams, min_sim, block_rows=block)
+    np.testing.assert_array_equal(ours, associate_oracle(x, labels, cams, min_sim))
+
+
+def test_associate_recovers_identities_across_cameras():
+    """Per person one cluster per camera; a shared camera offset and noise on top. Every person's
+    two clusters are mutual nearest foreign clusters, so each pair merges; nothing else does."""
+    g = torch.Generator().manual_seed(3)
+    people, per = 8, 4
+    ident = unit(people, 16, seed=7).float()
+    offset = torch.stack([torch.zeros(16), 0.8 * unit(16, seed=8).float()])
+    rows, labels, cams = [], [], []
+    for p in range(people):
+        for c in range(2):
+            for _ in range(per):
+                rows.append(ident[p] + offset[c] + 0.05 * torch.randn(16, generator=g))
+                labels.append(2 * p + c)
+                cams.append(c)
+    x = F.normalize(torch.stack(rows), dim=1)
+    out = associate_clusters(x, np.array(labels), np.array(cams), min_similarity=0.3)
+    np.testing.assert_array_equal(out, np.repeat(np.arange(people), 2 * per))
+    # a threshold above every similarity keeps the clusters as they were
+    np.testing.assert_array_equal(associate_clusters(x, np.array(labels), np.array(cams), 1.0), labels)
+
+
+def test_associate_never_merges_clusters_sharing_a_camera():
+    x = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01], [1.0, 0.02], [0.0, 1.0]]), dim=1)
+    labels = np.array([0, 1, 1, 2])
+    cams = np.array([0, 1, 0, 1])  # cluster 1 spans both cameras: it shares one with everyone
+    out = associate_clusters(x, labels, cams, -1.0)
+    np.testing.assert_array_equal(out, [0, 1, 1, 0])  # 0 (cam 0) and 2 (cam 1) merge, 1 stays alone
+
+
+def test_associate_outliers_and_empty():
+    x = unit(5, 3, seed=1).float()
+    np.testing.assert_array_equal(associate_clusters(x, -np.ones(5, dtype=int), np.arange(5), 0.0), -np.ones(5))
+    out = associate_clusters(x, np.array([-1, 7, 7, -1, 9]), np.array([0, 0, 0, 1, 1]), -1.0)
+    np.testing.assert_array_equal(out, [-1, 0, 0, -1, 0])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"min_similarity": 1.5}, ValueError, "min_similarity"),
+    ({"min_similarity": True}, ValueError, "min_similarity"),
+    ({"labels": np.zeros(3, dtype=int)}, ValueError, "labels must have shape"),
+    ({"camids": np.zeros(4)}, TypeError, "camids must hold integers"),
+])
+def test_associate_errors(kwargs, error, match):
+    args = {"features": unit(4, 3).float(), "labels": np.zeros(4, dtype=int), "camids": np.arange(4),
+            "min_similarity": 0.5, **kwargs}
+    with pytest.raises(error, match=match):
+        associate_clusters(**args)

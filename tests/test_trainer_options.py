@@ -68,7 +68,7 @@ def test_camera_options_need_two_cameras(tmp_path):
     root = tmp_path / "one_cam"
     samples = [Sample(str(root / f"{i:04d}.jpg"), i % 5, 0) for i in range(40)]
     dataset = ReidDataset(name="folder", root=root, train=samples, query=[], gallery=[])
-    for option in ("memory.camera_aware=true", "cluster.camera_norm=true"):
+    for option in ("memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true"):
         cfg = load_config("demo", [*TINY, option])
         with pytest.raises(ConfigError, match="two or more cameras") as err:
             Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())

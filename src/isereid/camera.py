@@ -5,6 +5,8 @@ camera-pure. Two remedies live here (see ``docs/camera_aware.md``):
 
 * :func:`camera_normalize` removes each camera's mean feature before clustering, a cheap
   offline association that lets one person's views from different cameras fall together;
+* :func:`associate_clusters` merges clusters from disjoint cameras that are each other's most
+  similar foreign cluster (offline association of pseudo-labels across cameras);
 * :class:`CameraProxyMemory` keeps one proxy per (cluster, camera) pair and provides the
   intra-camera loss (each row against the proxies of its own camera) and the inter-camera
   loss (each row against all proxies of its cluster and its hardest foreign proxies), in the
@@ -21,11 +23,13 @@ import math
 import numbers
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from scipy.sparse.csgraph import connected_components
 from torch import nn
 
-__all__ = ["camera_normalize", "CameraProxyMemory"]
+__all__ = ["camera_normalize", "associate_clusters", "CameraProxyMemory"]
 
 
 def _as_ids(values, count: int, name: str, device: torch.device) -> torch.Tensor:
@@ -84,6 +88,68 @@ def camera_normalize(features: torch.Tensor, camids) -> torch.Tensor:
     # Relative threshold: a residual at rounding-noise level carries no direction.
     tiny = norms <= 1e-6 * x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     return F.normalize(torch.where(tiny, x, residual), dim=1)
+
+
+def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
+                       block_rows: int = 4096) -> np.ndarray:
+    """Merge pairs of clusters that see a person from different cameras (offline association).
+
+    Each cluster is summarised by the L2-normalised mean of its rows. Two clusters are merged
+    when they share no camera, each is the other's most similar cluster among those sharing
+    none of its cameras (mutual nearest neighbours), and their cosine similarity is at least
+    ``min_similarity``. Merged pairs are disjoint, so one call at most halves a cluster count;
+    clusters already spanning cameras take part like any other.
+
+    Args:
+        features: (N, D) rows (tensor on any device, or NumPy), normally the clustering features.
+        labels: (N,) int cluster labels, -1 for outliers (kept as they are).
+        camids: (N,) integer camera ids.
+        min_similarity: cosine threshold in [-1, 1].
+        block_rows: clusters compared per block: memory is O(block_rows * K), not O(K^2).
+
+    Returns:
+        (N,) int64 labels numbered 0..C'-1 in order of each new cluster's smallest old label.
+    """
+    if isinstance(features, np.ndarray):
+        features = torch.from_numpy(features)
+    _check_features(features)
+    n = features.shape[0]
+    if not _is_number(min_similarity) or not -1.0 <= min_similarity <= 1.0:
+        raise ValueError(f"min_similarity must be a number in [-1, 1], got {min_similarity!r}")
+    lab = _as_ids(labels, n, "labels", torch.device("cpu")).numpy()
+    cams = _as_ids(camids, n, "camids", torch.device("cpu")).numpy()
+    keep = np.flatnonzero(lab >= 0)
+    ids, member = np.unique(lab[keep], return_inverse=True)  # member: (n_kept,) cluster 0..K-1
+    k = ids.shape[0]
+    out = np.full(n, -1, dtype=np.int64)
+    if k == 0:
+        return out
+    _, cam_group = np.unique(cams[keep], return_inverse=True)
+    device = features.device
+    x = features.to(torch.float32)[torch.from_numpy(keep).to(device)]
+    member_t = torch.from_numpy(member).to(device)
+    centres = F.normalize(x.new_zeros(k, x.shape[1]).index_add_(0, member_t, x), dim=1)  # (K, D)
+    seen = torch.zeros(k, int(cam_group.max()) + 1, device=device)  # (K, cameras) 1 where seen
+    seen[member_t, torch.from_numpy(cam_group).to(device)] = 1.0
+    best = torch.empty(k, device=device)
+    partner = torch.empty(k, dtype=torch.long, device=device)
+    for start in range(0, k, block_rows):  # blocks of clusters, never K x K at once
+        stop = min(k, start + block_rows)
+        sim = centres[start:stop] @ centres.T  # (B, K)
+        sim.masked_fill_((seen[start:stop] @ seen.T) > 0, float("-inf"))  # a shared camera: not foreign
+        best[start:stop], partner[start:stop] = sim.max(dim=1)
+    best, partner = best.cpu().numpy(), partner.cpu().numpy()
+    rows = np.arange(k)
+    mutual = (partner[partner] == rows) & (best >= min_similarity) & (partner > rows)
+    graph = sp.csr_matrix((np.ones(int(mutual.sum())), (rows[mutual], partner[mutual])), shape=(k, k))
+    _, component = connected_components(graph, directed=False)
+    # Renumber by smallest member (cluster order), independent of scipy's traversal order.
+    first = np.full(component.max() + 1, k)
+    np.minimum.at(first, component, rows)
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(first.shape[0])
+    out[keep] = rank[component][member]
+    return out
 
 
 class CameraProxyMemory(nn.Module):

@@ -71,6 +71,10 @@ class ClusterConfig:
     # Subtract each camera's mean feature (then re-normalise) before the Jaccard distance, so that
     # one person's views from different cameras can fall into one cluster (docs/camera_aware.md).
     camera_norm: bool = False
+    # Merge clusters from disjoint cameras that are each other's most similar foreign cluster, at
+    # cosine similarity >= associate_min_similarity (docs/camera_aware.md#association).
+    associate: bool = False
+    associate_min_similarity: float = 0.5
 
 
 @dataclass
@@ -284,6 +288,9 @@ def validate(cfg: Config) -> None:
     for key in ("memory.momentum", "memory.camera_momentum"):
         if not 0 <= _get(cfg, key) <= 1:
             raise ConfigError(f"{key} must be in [0, 1], got {_get(cfg, key)}")
+    if not -1 <= cfg.cluster.associate_min_similarity <= 1:
+        raise ConfigError(f"cluster.associate_min_similarity must be in [-1, 1], got "
+                          f"{cfg.cluster.associate_min_similarity}")
     if cfg.memory.camera_hard_negatives < 1:
         raise ConfigError(f"memory.camera_hard_negatives must be at least 1, got {cfg.memory.camera_hard_negatives}")
     for key in ("memory.temperature", "ise.lp_temperature", "cluster.eps", "optim.lr", "memory.camera_temperature"):

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..camera import CameraProxyMemory, camera_normalize
+from ..camera import CameraProxyMemory, associate_clusters, camera_normalize
 from ..clustering import cluster_report, jaccard_dbscan
 from ..config import ClusterConfig, Config, to_yaml
 from ..data.datasets import ReidDataset
@@ -62,12 +62,16 @@ ClusterFn = Callable[[torch.Tensor, np.ndarray], np.ndarray]
 
 def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
     """Pseudo-labels as configured: DBSCAN on Jaccard distances of k-reciprocal neighbours, of the
-    features normalised per camera first when ``cfg.camera_norm``."""
+    features normalised per camera first when ``cfg.camera_norm``; then, when ``cfg.associate``,
+    clusters from disjoint cameras that are mutual nearest neighbours are merged."""
     def cluster(features: torch.Tensor, camids: np.ndarray) -> np.ndarray:
         if cfg.camera_norm:
             features = camera_normalize(features, torch.as_tensor(camids))
-        return jaccard_dbscan(features, eps=cfg.eps, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
-                              knn_backend=cfg.knn_backend)
+        labels = jaccard_dbscan(features, eps=cfg.eps, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
+                                knn_backend=cfg.knn_backend)
+        if cfg.associate:
+            labels = associate_clusters(features, labels, camids, cfg.associate_min_similarity)
+        return labels
 
     return cluster
 
@@ -140,8 +144,9 @@ class Trainer:
         self.true_pids = true_pids if len(true_pids) and (true_pids >= 0).all() else None
         self.camids = np.array([s.camid for s in self.train_samples], dtype=np.int64)
         self.multi_camera = len(np.unique(self.camids)) >= 2
-        if (cfg.memory.camera_aware or cfg.cluster.camera_norm) and not self.multi_camera:
-            raise ConfigError(f"memory.camera_aware / cluster.camera_norm need images from two or more cameras; "
+        if (cfg.memory.camera_aware or cfg.cluster.camera_norm or cfg.cluster.associate) and not self.multi_camera:
+            raise ConfigError(f"memory.camera_aware / cluster.camera_norm / cluster.associate need images from two "
+                              f"or more cameras; "
                               f"the training images of {dataset.name} have a single camera id (or none)")
         self.camera_memory: Optional[CameraProxyMemory] = None
         if cfg.train.supervised and self.true_pids is None:
