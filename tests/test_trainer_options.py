@@ -1,4 +1,5 @@
-"""The trainer in-process on tiny demo data: camera-aware training and its resume, the supervised
+"""The trainer in-process on tiny demo data: camera-aware training and its resume, cross-camera
+association after clustering, the supervised
 ceiling, pseudo-label camera diagnostics, fp32 by default, and no memory update on a step
 that the gradient scaler skipped."""
 from __future__ import annotations
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from isereid.camera import associate_clusters
 from isereid.cli import main
-from isereid.clustering import cluster_report
+from isereid.clustering import cluster_report, jaccard_dbscan
 from isereid.config import load_config
 from isereid.data.datasets import ReidDataset, Sample, build_dataset
 from isereid.distributed import DistContext
-from isereid.engine.trainer import Trainer
+from isereid.engine.trainer import Trainer, jaccard_clusterer
 from isereid.errors import ConfigError
 
 TINY = ["optim.epochs=2", "optim.iters=2", "eval.every=2", "data.workers=0", "train.progress=false",
@@ -73,6 +75,26 @@ def test_camera_options_need_two_cameras(tmp_path):
         with pytest.raises(ConfigError, match="two or more cameras") as err:
             Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())
         assert "\n" not in str(err.value)
+
+
+def test_clusterer_associates_after_dbscan():
+    """cluster.associate runs on DBSCAN's labels: 6 people x 2 cameras, where camera 1 turns each
+    person's vector part-way into another subspace, give camera-pure clusters (own-camera views at
+    cosine ~1, the other camera's at ~0.6), and the association joins each person's two."""
+    g = torch.Generator().manual_seed(0)
+    people = torch.nn.functional.normalize(torch.randn(6, 32, generator=g), dim=1)
+    turn = torch.linalg.qr(torch.randn(32, 32, generator=g))[0]
+    views = torch.stack([people, 0.6 * people + 0.8 * people @ turn])  # (camera, person, D)
+    pid = torch.arange(6).repeat_interleave(10)
+    cams = np.tile(np.repeat([0, 1], 5), 6)
+    x = torch.nn.functional.normalize(views[cams, pid] + 0.03 * torch.randn(60, 32, generator=g), dim=1)
+    overrides = ["cluster.k1=5", "cluster.k2=1", "cluster.eps=0.6", "cluster.min_samples=3"]
+    plain = jaccard_clusterer(load_config("demo", overrides).cluster)(x, cams)
+    np.testing.assert_array_equal(plain, pid.numpy() * 2 + cams)  # one cluster per person and camera
+    cfg = load_config("demo", [*overrides, "cluster.associate=true", "cluster.associate_min_similarity=0.3"]).cluster
+    joined = jaccard_clusterer(cfg)(x, cams)
+    np.testing.assert_array_equal(joined, associate_clusters(x, plain, cams, 0.3))
+    np.testing.assert_array_equal(joined, pid.numpy())
 
 
 def test_supervised_uses_true_identities(tiny_demo, tmp_path):
