@@ -14,7 +14,7 @@ import torch
 
 from isereid.camera import associate_clusters
 from isereid.cli import main
-from isereid.clustering import cluster_report, jaccard_dbscan
+from isereid.clustering import cluster_report
 from isereid.config import load_config
 from isereid.data.datasets import ReidDataset, Sample, build_dataset
 from isereid.distributed import DistContext
