@@ -111,10 +111,16 @@ def test_supervised_uses_true_identities(tiny_demo, tmp_path):
         Trainer.from_config(trainer.cfg, unlabeled, tmp_path / "x", DistContext())
 
 
-@pytest.mark.parametrize("camera_aware,hint", [("false", "memory.camera_aware=true cluster.camera_norm=true"),
-                                                ("true", "cluster.camera_norm=true or a larger cluster.eps")])
-def test_camera_pure_warning(tiny_demo, tmp_path, caplog, camera_aware, hint):
-    trainer = _trainer(tiny_demo, tmp_path / "w", f"memory.camera_aware={camera_aware}", "cluster.camera_norm=false")
+@pytest.mark.parametrize("switches,hint", [
+    (("false", "false", "false"), "try memory.camera_aware=true cluster.camera_norm=true cluster.associate=true ("),
+    (("true", "false", "false"), "try cluster.camera_norm=true cluster.associate=true ("),
+    (("true", "true", "false"), "try cluster.associate=true ("),
+    (("true", "true", "true"), "try a longer schedule"),
+])
+def test_camera_pure_warning(tiny_demo, tmp_path, caplog, switches, hint):
+    aware, norm, associate = switches
+    trainer = _trainer(tiny_demo, tmp_path / "w", f"memory.camera_aware={aware}", f"cluster.camera_norm={norm}",
+                       f"cluster.associate={associate}")
     labels = np.where(trainer.camids == 0, 0, 1)  # one cluster per camera (3 cameras -> 0 and 1)
     labels[trainer.camids == 2] = 2
     report = cluster_report(labels, cameras=trainer.camids)

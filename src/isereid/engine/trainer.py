@@ -264,8 +264,11 @@ class Trainer:
             return
         share = report.cross_camera_clusters
         if share is not None and share < CAMERA_PURE_WARNING:
-            hint = ("memory.camera_aware=true cluster.camera_norm=true" if not self.cfg.memory.camera_aware
-                    else "cluster.camera_norm=true or a larger cluster.eps")
+            switches = {"memory.camera_aware=true": self.cfg.memory.camera_aware,
+                        "cluster.camera_norm=true": self.cfg.cluster.camera_norm,
+                        "cluster.associate=true": self.cfg.cluster.associate}
+            off = [name for name, on in switches.items() if not on]
+            hint = " ".join(off) if off else "a longer schedule (the association needs trained features)"
             log.warning("epoch %d: only %.0f%% of the %d clusters span two or more cameras: the pseudo-labels are "
                         "camera-pure, so training learns to match people within one camera, not across cameras; "
                         "try %s (see docs/camera_aware.md)", epoch + 1, 100 * share, report.num_clusters, hint)
