@@ -23,10 +23,8 @@ import math
 import numbers
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 __all__ = ["camera_normalize", "associate_clusters", "CameraProxyMemory"]
@@ -140,15 +138,13 @@ def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
         best[start:stop], partner[start:stop] = sim.max(dim=1)
     best, partner = best.cpu().numpy(), partner.cpu().numpy()
     rows = np.arange(k)
-    mutual = (partner[partner] == rows) & (best >= min_similarity) & (partner > rows)
-    graph = sp.csr_matrix((np.ones(int(mutual.sum())), (rows[mutual], partner[mutual])), shape=(k, k))
-    _, component = connected_components(graph, directed=False)
-    # Renumber by smallest member (cluster order), independent of scipy's traversal order.
-    first = np.full(component.max() + 1, k)
-    np.minimum.at(first, component, rows)
-    rank = np.empty_like(first)
-    rank[np.argsort(first)] = np.arange(first.shape[0])
-    out[keep] = rank[component][member]
+    # Mutual pairs are disjoint: each joined pair takes its smaller cluster index as its root, so
+    # the sorted unique roots number the new clusters in order of their smallest old label.
+    joined = (partner[partner] == rows) & (best >= min_similarity) & (partner > rows)
+    root = rows.copy()
+    root[partner[joined]] = rows[joined]
+    _, new_label = np.unique(root, return_inverse=True)
+    out[keep] = new_label[member]
     return out
 
 
