@@ -9,9 +9,10 @@ folder under ``--work-dir``, once per seed (``seed=1..N``), and is scored by the
 docs/reference_quirks.md). Variants:
 
 * ``direct``: no training, the configured (pretrained) backbone as it is;
-* ``baseline``: plain Cluster Contrast (``ise.pil=false ise.lp=false``);
+* ``preset``: the preset exactly as shipped, no override (the README's headline row);
+* ``baseline``: plain Cluster Contrast (``ise.pil=false ise.lp=false``, camera switches off);
 * ``pil`` / ``lp``: ISE with only the support samples in the contrastive loss / only the LP loss;
-* ``ise``: the preset (both);
+* ``ise``: plain ISE (both; every camera switch off, whatever the preset turns on);
 * ``camera_aware``: ISE + camera-aware proxies + camera-mean normalisation before clustering;
 * ``camera_associate``: ``camera_aware`` + cross-camera association of clusters (``cluster.associate``);
 * ``supervised``: the same trainer and budget, with the true identities of the file names as labels:
@@ -33,14 +34,19 @@ import sys
 import time
 from pathlib import Path
 
+# Plain ISE: every camera switch off, whatever the preset turns on.
+_PLAIN = ["memory.camera_aware=false", "cluster.camera_norm=false", "cluster.associate=false", "ise.foreign=any",
+          "memory.cluster_weight=1.0"]
+_CAMERA = ["memory.camera_aware=true", "cluster.camera_norm=true"]
 VARIANTS = {
     "direct": None,
-    "baseline": ["ise.pil=false", "ise.lp=false"],
-    "pil": ["ise.lp=false"],
-    "lp": ["ise.pil=false"],
-    "ise": [],
-    "camera_aware": ["memory.camera_aware=true", "cluster.camera_norm=true"],
-    "camera_associate": ["memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true"],
+    "preset": [],
+    "baseline": [*_PLAIN, "ise.pil=false", "ise.lp=false"],
+    "pil": [*_PLAIN, "ise.lp=false"],
+    "lp": [*_PLAIN, "ise.pil=false"],
+    "ise": _PLAIN,
+    "camera_aware": [*_PLAIN, *_CAMERA],
+    "camera_associate": [*_PLAIN, *_CAMERA, "cluster.associate=true"],
     "supervised": ["train.supervised=true"],
 }
 
@@ -93,7 +99,10 @@ def run_one(variant: str, extra: list[str], seed: int, args, overrides: list[str
             "cross_camera_images": cluster.get("cross_camera_images"), "nmi": cluster.get("nmi"),
             "curve": [{"epoch": r["epoch"], "mAP": r.get("mAP"), "rank1": r.get("rank1"),
                        "cross_camera_clusters": (r.get("cluster") or {}).get("cross_camera_clusters"),
-                       "nmi": (r.get("cluster") or {}).get("nmi")} for r in records]}
+                       "nmi": (r.get("cluster") or {}).get("nmi"),
+                       "mutual_cross_camera": (r.get("cluster") or {}).get("mutual_cross_camera"),
+                       "cross_camera_nn_accuracy": (r.get("cluster") or {}).get("cross_camera_nn_accuracy")}
+                      for r in records]}
 
 
 def _mean_std(values: list) -> tuple:

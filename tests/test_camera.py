@@ -588,3 +588,33 @@ def test_associate_errors(kwargs, error, match):
             "min_similarity": 0.5, **kwargs}
     with pytest.raises(error, match=match):
         associate_clusters(**args)
+
+
+# ----------------------------------------------------------------------------- cross-camera neighbours
+@pytest.mark.parametrize("seed, block", [(0, 1), (1, 3), (2, 100)])
+def test_nearest_other_camera_matches_loop(seed, block):
+    from isereid.camera import mutual_share, nearest_other_camera
+
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(17, 5, generator=g, dtype=torch.float64), dim=1)
+    cams = torch.randint(0, 3, (17,), generator=g)
+    ours = nearest_other_camera(feats, cams, block_rows=block)
+    for i in range(17):
+        others = [j for j in range(17) if int(cams[j]) != int(cams[i])]
+        want = max(others, key=lambda j: float(feats[i] @ feats[j])) if others else -1
+        assert ours[i] == want
+    mutual = sum(1 for i in range(17) if ours[i] >= 0 and ours[ours[i]] == i) / 17
+    assert mutual_share(ours) == pytest.approx(mutual)
+
+
+def test_nearest_other_camera_single_camera_and_mutual_pairs():
+    from isereid.camera import mutual_share, nearest_other_camera
+
+    feats = torch.eye(4)
+    assert (nearest_other_camera(feats, [0, 0, 0, 0]) == -1).all()
+    assert mutual_share(np.array([-1, -1])) == 0.0
+    # Two people, each seen once by cameras 0 and 1: every image's partner is mutual.
+    feats = F.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0], [1.0, 0.0], [0.0, 1.0]]), dim=1)
+    nn = nearest_other_camera(feats, [0, 0, 1, 1])
+    assert nn.tolist() == [2, 3, 0, 1] and mutual_share(nn) == 1.0
+    assert mutual_share(np.array([1, 2, 0])) == 0.0  # a cycle of three has no mutual pair

@@ -135,3 +135,14 @@ def test_preset_name_wins_over_same_named_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo").mkdir()
     assert load_config("demo").name == "demo"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("ise.foreign=nearest", "ise.foreign"),
+    ("memory.cluster_weight=-1", "memory.cluster_weight"),
+    ("data.grayscale_prob=1.5", "data.grayscale_prob"),
+])
+def test_camera_options_are_validated(override, key):
+    with pytest.raises(ConfigError) as exc:
+        load_config("cpu", [override])
+    assert key in str(exc.value) and "\n" not in str(exc.value)

@@ -357,6 +357,24 @@ def test_train_transform_shape_and_identity_without_augmentation():
                      "ReferenceRandomErasing"]
 
 
+def test_train_transform_colour_augmentation():
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (50, 30, 3), dtype=np.uint8))
+    grey = DataConfig(height=32, width=16, flip_prob=0.0, pad=0, erasing_prob=0.0, grayscale_prob=1.0)
+    names = [type(t).__name__ for t in build_train_transform(grey).transforms]
+    assert names == ["Resize", "RandomHorizontalFlip", "RandomGrayscale", "Pad", "RandomCrop", "ToTensor",
+                     "Normalize", "ReferenceRandomErasing"]
+    out = build_train_transform(grey)(img)
+    # A grey image is equal in R, G and B before normalisation.
+    pixels = out * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    torch.testing.assert_close(pixels[0], pixels[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixels[1], pixels[2], atol=1e-5, rtol=0)
+    plain = DataConfig(height=32, width=16, flip_prob=0.0, pad=0, erasing_prob=0.0)
+    assert not torch.allclose(build_train_transform(plain)(img), out)
+    jitter = DataConfig(height=32, width=16, color_jitter=0.4)
+    assert "ColorJitter" in [type(t).__name__ for t in build_train_transform(jitter).transforms]
+
+
 def erasing_oracle(img: np.ndarray, rng: random.Random, p=0.5, sl=0.02, sh=0.4, r1=0.3, value=IMAGENET_MEAN):
     """Straight transcription of the reference class (docs/method.md#transforms, item 5)."""
     img = img.copy()

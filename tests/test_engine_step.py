@@ -106,3 +106,17 @@ def test_switches_give_baseline_and_ablations():
     _, pil_only = run(True, False)
     assert pil_only.memory_inputs.shape[0] == 24 and float(pil_only.label_preserving) == 0.0
     assert not torch.allclose(pil_only.contrastive, base.contrastive)
+
+
+def test_cluster_weight_scales_only_the_cluster_memory_term():
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    feats = F.normalize(torch.randn(12, 6, generator=g, dtype=torch.float64), dim=1)
+    cents = F.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=1)
+    w = interpolation_weight(1, 2)
+    full = ise_losses(feats, labels, ClusterMemory(cents.clone()), w, ISEConfig(lp_weight=0.1), MemoryConfig())
+    part = ise_losses(feats, labels, ClusterMemory(cents.clone()), w, ISEConfig(lp_weight=0.1),
+                      MemoryConfig(cluster_weight=0.25))
+    torch.testing.assert_close(part.contrastive, full.contrastive)  # reported unscaled
+    torch.testing.assert_close(part.total, 0.25 * full.contrastive + 0.1 * full.label_preserving)
+    assert not torch.allclose(part.total, full.total)

@@ -214,3 +214,54 @@ def test_lp_loss_single_identity_has_no_negatives():
     loss = label_preserving_loss(feats, feats.clone(), torch.zeros(4, dtype=torch.long))
     # P/(P+0+1e-6) ~ 1: the loss is ~ -log(1 + 1e-6)
     assert abs(float(loss)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- camera-aware foreign centroids
+def restricted_oracle(feats, labels, cents, weight, topk, allowed):
+    """Loop version of ise.foreign=same_camera: rank only allowed foreign centroids, unless a row has
+    fewer than topk of them (then all foreign centroids, as the reference)."""
+    out = []
+    for b in range(feats.shape[0]):
+        foreign = [k for k in range(cents.shape[0]) if k != int(labels[b])]
+        ok = [k for k in foreign if bool(allowed[b, k])]
+        pool = ok if len(ok) >= topk else foreign
+        ranked = sorted(pool, key=lambda k: -float(feats[b] @ cents[k]))
+        for k in ranked[:topk]:
+            s = feats[b] + weight * (cents[k] - cents[int(labels[b])])
+            out.append(s / s.norm())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_support_samples_restricted_to_allowed_centroids(topk, seed):
+    from isereid.ise import same_camera_candidates
+
+    g = torch.Generator().manual_seed(seed)
+    feats = unit(12, 5, seed=10 + seed)
+    cents = unit(6, 5, seed=20 + seed)
+    labels = torch.randint(0, 6, (12,), generator=g)
+    cluster_cams = torch.rand(6, 3, generator=g) < 0.4  # (M, C) which cameras each cluster holds
+    cams = torch.randint(0, 3, (12,), generator=g)
+    allowed = same_camera_candidates(cams, cluster_cams)
+    for b in range(12):  # same_camera_candidates against its definition
+        for m in range(6):
+            assert bool(allowed[b, m]) == bool(cluster_cams[m, cams[b]])
+    ours = support_samples(feats, labels, cents, 0.2, topk=topk, allowed=allowed)
+    torch.testing.assert_close(ours, restricted_oracle(feats, labels, cents, 0.2, topk, allowed))
+
+
+def test_restriction_changes_the_chosen_centroid():
+    # Row 0 (cluster 0) is nearest to cluster 1, but only cluster 2 shares its camera.
+    feats = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    cents = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.43589, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0])
+    from isereid.ise import nearest_foreign_centroids
+
+    assert int(nearest_foreign_centroids(feats, labels, cents)[0, 0]) == 1
+    allowed = torch.tensor([[True, False, True]])
+    assert int(nearest_foreign_centroids(feats, labels, cents, allowed=allowed)[0, 0]) == 2
+    # No allowed foreign centroid: fall back to all foreign ones.
+    assert int(nearest_foreign_centroids(feats, labels, cents, allowed=torch.tensor([[True, False, False]]))[0, 0]) == 1
+    with pytest.raises(ValueError):
+        nearest_foreign_centroids(feats, labels, cents, allowed=torch.ones(2, 3, dtype=torch.bool))

@@ -186,3 +186,38 @@ def test_metrics_jsonl_has_camera_diagnostics(tiny_demo, tmp_path):
     c = record["cluster"]
     assert {"cross_camera_clusters", "cross_camera_images", "nmi"} <= set(c)
     assert 0.0 <= c["cross_camera_images"] <= 1.0
+    assert 0.0 <= c["mutual_cross_camera"] <= 1.0 and 0.0 <= c["cross_camera_nn_accuracy"] <= 1.0
+    assert {"extract", "cluster", "train", "data_wait", "evaluate"} <= set(record["phases"])
+    assert record["phases"]["data_wait"] <= record["phases"]["train"] <= record["seconds"]
+
+
+@pytest.mark.parametrize("foreign", ["any", "same_camera"])
+def test_same_camera_foreign_centroids_reach_the_supports(tiny_demo, tmp_path, monkeypatch, foreign):
+    import isereid.engine.step as step
+
+    seen = []
+    real = step.support_samples
+
+    def spy(features, labels, centroids, weight, topk=1, allowed=None):
+        seen.append((labels.clone(), None if allowed is None else allowed.clone()))
+        return real(features, labels, centroids, weight, topk=topk, allowed=allowed)
+
+    monkeypatch.setattr(step, "support_samples", spy)
+    trainer = _trainer(tiny_demo, tmp_path / foreign, f"ise.foreign={foreign}", "optim.iters=2")
+    trainer.update_pseudo_labels(0)
+    trainer.train_epoch(0)
+    assert len(seen) == 2
+    if foreign == "any":
+        assert all(allowed is None for _, allowed in seen)
+        return
+    keep = trainer.pseudo_labels >= 0
+    cams = np.unique(trainer.camids, return_inverse=True)[1].ravel()
+    holds = np.zeros((trainer.pseudo_labels.max() + 1, cams.max() + 1), dtype=bool)
+    holds[trainer.pseudo_labels[keep], cams[keep]] = True
+    for labels, allowed in seen:
+        assert allowed.shape == (len(labels), holds.shape[0])
+        for b, y in enumerate(labels.tolist()):
+            # each row's candidates are exactly the clusters seen by one camera of its own cluster
+            row = allowed[b].numpy()
+            assert any((row == holds[:, c]).all() for c in np.flatnonzero(holds[y]))
+        assert not allowed.all()  # some clusters are excluded

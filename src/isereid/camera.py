@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["camera_normalize", "associate_clusters", "CameraProxyMemory"]
+__all__ = ["camera_normalize", "associate_clusters", "nearest_other_camera", "CameraProxyMemory"]
 
 
 def _as_ids(values, count: int, name: str, device: torch.device) -> torch.Tensor:
@@ -86,6 +86,44 @@ def camera_normalize(features: torch.Tensor, camids) -> torch.Tensor:
     # Relative threshold: a residual at rounding-noise level carries no direction.
     tiny = norms <= 1e-6 * x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     return F.normalize(torch.where(tiny, x, residual), dim=1)
+
+
+def nearest_other_camera(features, camids, block_rows: int = 2048) -> np.ndarray:
+    """Index of each row's most similar row from another camera (cosine; -1 when there is none).
+
+    Args:
+        features: (N, D) rows (tensor on any device, or NumPy), normally unit length.
+        camids: (N,) integer camera ids.
+        block_rows: rows compared per block: memory O(block_rows * N), never N x N.
+
+    Returns (N,) int64. The label-free cross-camera diagnostics read it: the share of images whose
+    nearest other-camera image has them as its own nearest (mutual) grows as training learns to
+    match people across cameras; with true identities, the share whose neighbour is the same person.
+    """
+    if isinstance(features, np.ndarray):
+        features = torch.from_numpy(features)
+    _check_features(features)
+    n = features.shape[0]
+    cams = _as_ids(camids, n, "camids", features.device)
+    x = features.to(_work_dtype(features.dtype))
+    out = torch.full((n,), -1, dtype=torch.long, device=features.device)
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        sim = x[start:stop] @ x.T  # (B, N)
+        sim.masked_fill_(cams[start:stop].unsqueeze(1) == cams.unsqueeze(0), float("-inf"))
+        best, idx = sim.max(dim=1)
+        out[start:stop] = torch.where(torch.isfinite(best), idx, torch.full_like(idx, -1))
+    return out.cpu().numpy()
+
+
+def mutual_share(neighbour: np.ndarray) -> float:
+    """Share of rows i with a neighbour j = neighbour[i] >= 0 and neighbour[j] == i (0.0 for no rows)."""
+    neighbour = np.asarray(neighbour, dtype=np.int64)
+    has = neighbour >= 0
+    if not has.any():
+        return 0.0
+    rows = np.flatnonzero(has)
+    return float((neighbour[neighbour[rows]] == rows).sum() / neighbour.size)
 
 
 def associate_clusters(features, labels, camids, min_similarity: float = 0.5,

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .clustering.knn import KNN_BACKENDS
 from .data.datasets import DATASET_NAMES
 from .errors import ConfigError
+from .ise import FOREIGN
 from .losses import NEGATIVES
 from .memory import MODES as MEMORY_MODES
 
@@ -45,6 +46,13 @@ class DataConfig:
     erasing_value: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     # Fraction of unreadable images tolerated (skipped with a warning) before failing.
     max_bad_fraction: float = 0.01
+    # Augmentation against camera colour casts (docs/camera_aware.md#augmentation): probability of
+    # turning a training image grey, and the strength of a random brightness/contrast/saturation jitter.
+    grayscale_prob: float = 0.0
+    color_jitter: float = 0.0
+    # Keep the training images decoded and resized in memory (the train transform's first step),
+    # so an epoch decodes each JPEG once instead of once per draw (docs/speed.md).
+    cache_images: bool = False
 
 
 @dataclass
@@ -83,6 +91,9 @@ class MemoryConfig:
     momentum: float = 0.2  # weight of the OLD centroid (docs/reference_quirks.md#q7)
     mode: str = "hard"  # hard | ori (Market hard, MSMT ori; docs/reference_quirks.md#q6)
     update_with_supports: bool = True  # docs/reference_quirks.md#q5
+    # Weight of the camera-blind cluster-memory loss L_cc (1 in the reference). With camera-pure
+    # clusters it treats a person's other view as a negative; camera-aware runs may lower it.
+    cluster_weight: float = 1.0
     # Camera-aware proxies (docs/camera_aware.md): one proxy per (cluster, camera), an intra-camera
     # and an inter-camera contrastive term on the real samples, next to the cluster memory.
     camera_aware: bool = False
@@ -102,6 +113,9 @@ class ISEConfig:
     lp_temperature: float = 0.6
     lp_weight: float = 0.1  # Market 0.1, MSMT 0.01
     lp_negatives: str = "per_identity"  # per_identity | all (docs/reference_quirks.md#q9)
+    # any: nearest foreign centroid of all clusters (reference); same_camera: among the clusters that
+    # hold images of the sample's camera (docs/camera_aware.md#camera-aware-ise).
+    foreign: str = "any"
 
 
 @dataclass
@@ -168,6 +182,7 @@ CHOICES = {
     "cluster.knn_backend": KNN_BACKENDS,
     "memory.mode": MEMORY_MODES,
     "ise.lp_negatives": NEGATIVES,
+    "ise.foreign": FOREIGN,
 }
 
 
@@ -285,12 +300,15 @@ def validate(cfg: Config) -> None:
             f"data.batch_size ({cfg.data.batch_size}) must be a multiple of data.num_instances "
             f"({cfg.data.num_instances})"
         )
-    for key in ("memory.momentum", "memory.camera_momentum"):
+    for key in ("memory.momentum", "memory.camera_momentum", "data.grayscale_prob", "data.color_jitter"):
         if not 0 <= _get(cfg, key) <= 1:
             raise ConfigError(f"{key} must be in [0, 1], got {_get(cfg, key)}")
     if not -1 <= cfg.cluster.associate_min_similarity <= 1:
         raise ConfigError(f"cluster.associate_min_similarity must be in [-1, 1], got "
                           f"{cfg.cluster.associate_min_similarity}")
+    for key in ("memory.cluster_weight", "memory.camera_intra_weight", "memory.camera_inter_weight"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {_get(cfg, key)}")
     if cfg.memory.camera_hard_negatives < 1:
         raise ConfigError(f"memory.camera_hard_negatives must be at least 1, got {cfg.memory.camera_hard_negatives}")
     for key in ("memory.temperature", "ise.lp_temperature", "cluster.eps", "optim.lr", "memory.camera_temperature"):

@@ -39,14 +39,20 @@ class ClusteringReport:
     purity: Optional[float] = None
     cross_camera_clusters: Optional[float] = None
     cross_camera_images: Optional[float] = None
+    # Of the features, not the partition (camera.nearest_other_camera): share of images whose nearest
+    # other-camera image has them as its nearest too (label-free), and, with true identities, share
+    # whose nearest other-camera image is the same person.
+    mutual_cross_camera: Optional[float] = None
+    cross_camera_nn_accuracy: Optional[float] = None
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict with keys num_clusters, num_outliers, histogram, nmi, ari, purity,
-        cross_camera_clusters, cross_camera_images."""
+        cross_camera_clusters, cross_camera_images, mutual_cross_camera, cross_camera_nn_accuracy."""
         return {"num_clusters": self.num_clusters, "num_outliers": self.num_outliers,
                 "histogram": dict(self.size_histogram), "nmi": self.nmi, "ari": self.ari,
                 "purity": self.purity, "cross_camera_clusters": self.cross_camera_clusters,
-                "cross_camera_images": self.cross_camera_images}
+                "cross_camera_images": self.cross_camera_images, "mutual_cross_camera": self.mutual_cross_camera,
+                "cross_camera_nn_accuracy": self.cross_camera_nn_accuracy}
 
 
 def size_histogram(sizes: np.ndarray) -> Dict[str, int]:

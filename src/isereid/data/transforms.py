@@ -66,12 +66,23 @@ class ReferenceRandomErasing:
 
 
 def build_train_transform(cfg) -> T.Compose:
-    """Resize (bicubic, exact H x W) -> flip -> pad (zeros) -> random crop -> tensor ->
-    normalise -> reference RandomErasing (``cfg`` is a :class:`~isereid.config.DataConfig`)."""
+    """Resize (bicubic, exact H x W) -> flip -> [colour jitter, random grayscale] -> pad (zeros) ->
+    random crop -> tensor -> normalise -> reference RandomErasing (``cfg`` is a
+    :class:`~isereid.config.DataConfig`; the bracketed steps only when ``color_jitter`` /
+    ``grayscale_prob`` are positive)."""
     size = (int(cfg.height), int(cfg.width))
+    # Colour augmentations only when asked: the reference has none, and adding a transform with
+    # probability 0 would still shift the random streams.
+    colour = []
+    if getattr(cfg, "color_jitter", 0.0) > 0:
+        j = float(cfg.color_jitter)
+        colour.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if getattr(cfg, "grayscale_prob", 0.0) > 0:
+        colour.append(T.RandomGrayscale(p=float(cfg.grayscale_prob)))
     return T.Compose([
         T.Resize(size, interpolation=InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(p=cfg.flip_prob),
+        *colour,
         T.Pad(cfg.pad, fill=0),
         T.RandomCrop(size),
         T.ToTensor(),

@@ -31,6 +31,9 @@ class EpochRecord:
     rank5: Optional[float] = None
     rank10: Optional[float] = None
     cluster: Optional[dict] = None  # ClusteringReport.to_dict() of the epoch's pseudo-labels
+    # Wall seconds of the epoch's phases: extract (training features for clustering), cluster,
+    # train (the iterations, of which data_wait is time spent waiting for the loader), evaluate.
+    phases: Optional[dict] = None
     extra: dict = field(default_factory=dict)  # keys not listed above, as read
 
     @property

@@ -6,6 +6,7 @@ step, and so that the single-process and distributed paths share it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -37,8 +38,12 @@ def ise_losses(
     weight: float,
     ise: ISEConfig,
     memory_cfg: MemoryConfig,
+    allowed: Optional[torch.Tensor] = None,
 ) -> StepLosses:
-    """L = L_cc + w_lp·L_lp for features f (B, D), unit norm, and pseudo-labels y (B,).
+    """L = w_cc·L_cc + w_lp·L_lp for features f (B, D), unit norm, and pseudo-labels y (B,).
+
+    w_cc is ``memory.cluster_weight`` (1 in the reference). ``allowed`` (B, M) bool restricts the
+    foreign centroids of the supports (``ise.foreign=same_camera``); None: all clusters.
 
     * ``ise.pil``: supports s = normalize(f + weight·(c_nearest − c_own)) join f in the
       contrastive loss (2B rows, labels cat(y, y)) and, with
@@ -50,7 +55,8 @@ def ise_losses(
     """
     features = _fp32(features)
     need_supports = ise.pil or ise.lp
-    supports = support_samples(features, labels, memory.centroids, weight, topk=ise.topk) if need_supports else None
+    supports = (support_samples(features, labels, memory.centroids, weight, topk=ise.topk, allowed=allowed)
+                if need_supports else None)
     if ise.pil:
         support_labels = labels.repeat_interleave(ise.topk)
         cc_inputs = torch.cat([features, supports])
@@ -63,7 +69,7 @@ def ise_losses(
                                    negatives=ise.lp_negatives)
     else:
         lp = features.new_zeros(())
-    total = contrastive + ise.lp_weight * lp
+    total = memory_cfg.cluster_weight * contrastive + ise.lp_weight * lp
     if ise.pil and memory_cfg.update_with_supports:
         mem_inputs, mem_labels = cc_inputs, cc_labels
     else:

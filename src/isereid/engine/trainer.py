@@ -16,6 +16,7 @@ global batch of features, so losses and memory equal the single-process ones).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..camera import CameraProxyMemory, associate_clusters, camera_normalize
+from ..camera import CameraProxyMemory, associate_clusters, camera_normalize, mutual_share, nearest_other_camera
 from ..clustering import cluster_report, jaccard_dbscan
 from ..config import ClusterConfig, Config, to_yaml
 from ..data.datasets import ReidDataset
@@ -40,7 +41,7 @@ from ..data.transforms import build_test_transform, build_train_transform
 from ..distributed import DistContext, gather_with_grad
 from ..errors import ClusteringError, ConfigError, TrainingDiverged
 from ..features import extract_features
-from ..ise import interpolation_weight
+from ..ise import interpolation_weight, same_camera_candidates
 from ..memory import ClusterMemory
 from ..models import build_model, trainable_parameters
 from ..utils import atomic_write_text, failpoint
@@ -143,6 +144,8 @@ class Trainer:
         true_pids = np.array([s.pid for s in self.train_samples])
         self.true_pids = true_pids if len(true_pids) and (true_pids >= 0).all() else None
         self.camids = np.array([s.camid for s in self.train_samples], dtype=np.int64)
+        # Cameras numbered 0..C-1 (dataset camera ids may be any integers).
+        self.camera_index = np.unique(self.camids, return_inverse=True)[1].astype(np.int64).ravel()
         self.multi_camera = len(np.unique(self.camids)) >= 2
         if (cfg.memory.camera_aware or cfg.cluster.camera_norm or cfg.cluster.associate) and not self.multi_camera:
             raise ConfigError(f"memory.camera_aware / cluster.camera_norm / cluster.associate need images from two "
@@ -159,6 +162,7 @@ class Trainer:
         self.best_epoch = 0
         self.start_epoch = 0
         self.writer = writer
+        self.phases: dict[str, float] = {}  # seconds per phase of the current epoch
 
     @classmethod
     def from_config(cls, cfg: Config, dataset: ReidDataset, output_dir: Path, dist_ctx: DistContext) -> Trainer:
@@ -194,23 +198,37 @@ class Trainer:
         if self.ctx.is_main:
             atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
         for epoch in range(self.start_epoch, cfg.optim.epochs):
-            started = time.time()
+            started = time.perf_counter()
+            self.phases = {}
             if self.memory is None or epoch % cfg.cluster.every == 0:
                 parts = self.update_pseudo_labels(epoch)
             else:
                 parts = self._label_counts()
             lr = self.optimizer.param_groups[0]["lr"]
-            parts.update(self.train_epoch(epoch))
+            with self._phase("train"):
+                parts.update(self.train_epoch(epoch))
             self.scheduler.step()
             if self._should_evaluate(epoch):
-                parts.update(self.evaluate())
-            record = EpochRecord(epoch=epoch + 1, lr=lr, seconds=round(time.time() - started, 3), **parts)
+                with self._phase("evaluate"):
+                    parts.update(self.evaluate())
+            phases = {k: round(v, 3) for k, v in self.phases.items()}
+            record = EpochRecord(epoch=epoch + 1, lr=lr, seconds=round(time.perf_counter() - started, 3),
+                                 phases=phases, **parts)
             self.history.append(record)
             self.save(epoch, record)
             self._log_epoch(record)
         if self.writer is not None:
             self.writer.close()
         return self.history
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Add the wall time of the block to ``self.phases[name]`` (the epoch record's ``phases``)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - started
 
     def _should_evaluate(self, epoch: int) -> bool:
         if not self.dataset.has_test:
@@ -224,19 +242,30 @@ class Trainer:
         returns the epoch record's num_clusters, num_outliers and cluster."""
         cfg = self.cfg
         paths = [s.path for s in self.train_samples]
-        features = extract_features(
+        with self._phase("extract"):
+            features = self._extract_train(paths, epoch)
+        labels = None
+        with self._phase("cluster"):
+            if self.ctx.is_main:
+                failpoint("clustering")
+                if cfg.train.supervised:  # the ceiling: true identities in place of pseudo-labels
+                    labels = np.unique(self.true_pids, return_inverse=True)[1].astype(np.int64).ravel()
+                else:
+                    labels = self.cluster_fn(features, self.camids)
+            labels = np.asarray(self.ctx.broadcast_object(labels), dtype=np.int64)
+        return self._install_labels(epoch, features, labels)
+
+    def _extract_train(self, paths: list[str], epoch: int) -> torch.Tensor:
+        cfg = self.cfg
+        return extract_features(
             self.model, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
             workers=cfg.data.workers, device=self.device, progress=cfg.train.progress,
             desc=f"epoch {epoch + 1} features", dist_ctx=self.ctx, channels_last=cfg.model.channels_last,
         )  # fp32, as evaluation features: one precision for clustering and evaluation
-        labels = None
-        if self.ctx.is_main:
-            failpoint("clustering")
-            if cfg.train.supervised:  # the ceiling: true identities in place of pseudo-labels
-                labels = np.unique(self.true_pids, return_inverse=True)[1].astype(np.int64).ravel()
-            else:
-                labels = self.cluster_fn(features, self.camids)
-        labels = np.asarray(self.ctx.broadcast_object(labels), dtype=np.int64)
+
+    def _install_labels(self, epoch: int, features: torch.Tensor, labels: np.ndarray) -> dict:
+        """Memories from ``labels`` (N,) of ``features`` (N, D); returns the epoch record's label parts."""
+        cfg = self.cfg
         num_clusters = int(labels.max()) + 1 if len(labels) else 0
         if num_clusters < 2:
             raise ClusteringError(
@@ -255,6 +284,11 @@ class Trainer:
                 torch.as_tensor(self.camids[keep], device=self.device), **self._camera_kwargs())
         self.pseudo_labels = labels
         report = cluster_report(labels, self.true_pids, self.camids)
+        if self.ctx.is_main and self.multi_camera:
+            neighbour = nearest_other_camera(features, self.camids)
+            report.mutual_cross_camera = round(mutual_share(neighbour), 6)
+            if self.true_pids is not None:
+                report.cross_camera_nn_accuracy = round(float((self.true_pids[neighbour] == self.true_pids).mean()), 6)
         self._warn_camera_pure(epoch, report)
         return {"cluster": report.to_dict(), **self._label_counts()}
 
@@ -272,6 +306,15 @@ class Trainer:
             log.warning("epoch %d: only %.0f%% of the %d clusters span two or more cameras: the pseudo-labels are "
                         "camera-pure, so training learns to match people within one camera, not across cameras; "
                         "try %s (see docs/camera_aware.md)", epoch + 1, 100 * share, report.num_clusters, hint)
+
+    def _cluster_cameras(self) -> torch.Tensor:
+        """(M, C) bool on the device: pseudo-identity m holds images of camera index c."""
+        keep = self.pseudo_labels >= 0
+        num_cams = int(self.camera_index.max()) + 1 if len(self.camera_index) else 1
+        seen = torch.zeros(int(self.pseudo_labels.max()) + 1, num_cams, dtype=torch.bool, device=self.device)
+        seen[torch.as_tensor(self.pseudo_labels[keep], device=self.device),
+             torch.as_tensor(self.camera_index[keep], device=self.device)] = True
+        return seen
 
     def _camera_kwargs(self) -> dict:
         m = self.cfg.memory
@@ -308,10 +351,14 @@ class Trainer:
             sums.update(loss_intra=0.0, loss_inter=0.0)
         # Camera of each row of this epoch's dataset (the loader yields row indices).
         epoch_cams = torch.as_tensor(self.camids[self.pseudo_labels >= 0], device=self.device)
+        cluster_cams = self._cluster_cameras() if cfg.ise.foreign == "same_camera" else None
+        camera_index = torch.as_tensor(self.camera_index[self.pseudo_labels >= 0], device=self.device)
         bar = tqdm(loader, total=cfg.optim.iters, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
                    disable=not (cfg.train.progress and self.ctx.is_main), unit="it")
         weight = 0.0
+        data_wait, waited_from = 0.0, time.perf_counter()
         for i, (images, labels, rows) in enumerate(bar):
+            data_wait += time.perf_counter() - waited_from
             step = epoch * cfg.optim.iters + i
             weight = interpolation_weight(step, self.total_steps, cfg.ise.lambda_base)
             images = images.to(self.device, non_blocking=True)
@@ -322,10 +369,14 @@ class Trainer:
                 local = self.net(images)
             features = gather_with_grad(local.float(), self.ctx)
             labels = self.ctx.all_gather(labels)
-            losses = ise_losses(features, labels, memory, weight, cfg.ise, cfg.memory)
+            rows = rows.to(self.device)
+            allowed = None
+            if cluster_cams is not None:
+                allowed = same_camera_candidates(self.ctx.all_gather(camera_index[rows]), cluster_cams)
+            losses = ise_losses(features, labels, memory, weight, cfg.ise, cfg.memory, allowed)
             cam = None
             if cam_memory is not None:
-                cams = self.ctx.all_gather(epoch_cams[rows.to(self.device)])
+                cams = self.ctx.all_gather(epoch_cams[rows])
                 cam = camera_losses(features, labels, cams, cam_memory, cfg.memory)
                 losses.total = losses.total + cam.total
             if not torch.isfinite(losses.total):
@@ -361,6 +412,8 @@ class Trainer:
                 for k, v in values.items():
                     self.writer.add_scalar(f"train/{k}", v, step)
                 self.writer.add_scalar("train/interpolation_weight", weight, step)
+            waited_from = time.perf_counter()
+        self.phases["data_wait"] = self.phases.get("data_wait", 0.0) + data_wait
         n = max(cfg.optim.iters, 1)
         return {k: round(v / n, 6) for k, v in sums.items()} | {"interpolation_weight": round(weight, 6)}
 
@@ -430,6 +483,9 @@ class Trainer:
         cross = cluster.get("cross_camera_clusters")
         if cross is not None:
             parts.append(f"cross-camera clusters {100 * cross:.0f}%")
+        mutual = cluster.get("mutual_cross_camera")
+        if mutual is not None:
+            parts.append(f"mutual cross-camera neighbours {100 * mutual:.0f}%")
         nmi = cluster.get("nmi")
         if nmi is not None:
             parts.append(f"NMI {nmi:.3f}")
