@@ -545,3 +545,39 @@ def test_batch_list_sampler_slices(world):
     assert len(resumed) == 2 and list(resumed)[0] == batches[3, : 8 // world].tolist()
     with pytest.raises(ValueError):
         BatchListSampler(batches, world_size=3)
+
+
+# ---------------------------------------------------------------------------- decoded-image cache
+def test_resized_image_cache_is_bit_identical_to_decoding(tmp_path):
+    from isereid.data.images import ImageDataset, ResizedImageCache, load_rgb
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (h, w) in enumerate([(50, 30), (32, 16), (90, 41)]):  # one already at the target size
+        p = tmp_path / f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    cfg = DataConfig(height=32, width=16)
+    cache = ResizedImageCache((32, 16)).fill(paths, workers=1)
+    assert len(cache) == 3 and all(cache(p).size == (16, 32) for p in paths)
+    test_t = build_test_transform(cfg)
+    for p in paths:
+        torch.testing.assert_close(test_t(cache(p)), test_t(load_rgb(p)), rtol=0, atol=0)
+        # the train transform with the same random draws
+        torch.manual_seed(7)
+        random.seed(7)
+        a = build_train_transform(cfg)(cache(p))
+        torch.manual_seed(7)
+        random.seed(7)
+        b = build_train_transform(cfg)(load_rgb(p))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cached = ImageDataset(paths, test_t, loader=cache)
+    plain = ImageDataset(paths, test_t)
+    for i in range(3):
+        torch.testing.assert_close(cached[i][0], plain[i][0], rtol=0, atol=0)
+    # A path not filled is read on demand and kept.
+    extra = tmp_path / "x.jpg"
+    Image.fromarray(rng.integers(0, 255, (40, 20, 3), dtype=np.uint8)).save(extra)
+    assert cache(str(extra)).size == (16, 32) and len(cache) == 4
+    with pytest.raises(DatasetError):
+        cache(str(tmp_path / "missing.jpg"))

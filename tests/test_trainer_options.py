@@ -221,3 +221,24 @@ def test_same_camera_foreign_centroids_reach_the_supports(tiny_demo, tmp_path, m
             row = allowed[b].numpy()
             assert any((row == holds[:, c]).all() for c in np.flatnonzero(holds[y]))
         assert not allowed.all()  # some clusters are excluded
+
+
+def test_cached_images_train_exactly_as_decoded_ones(tiny_demo, tmp_path):
+    import random
+
+    results = []
+    for cache in ("false", "true"):
+        random.seed(0)
+        trainer = _trainer(tiny_demo, tmp_path / cache, f"data.cache_images={cache}", "optim.iters=2")
+        trainer.update_pseudo_labels(0)
+        trainer.train_epoch(0)
+        results.append((trainer.pseudo_labels, trainer.memory.centroids.clone(),
+                        [p.detach().clone() for p in trainer.model.parameters()]))
+        if cache == "true":
+            assert len(trainer.image_cache) == len(trainer.train_samples)
+        else:
+            assert trainer.image_cache is None
+    (labels_a, cents_a, params_a), (labels_b, cents_b, params_b) = results
+    np.testing.assert_array_equal(labels_a, labels_b)
+    torch.testing.assert_close(cents_a, cents_b, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))

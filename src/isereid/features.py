@@ -32,16 +32,18 @@ def extract_features(
     dist_ctx: Optional[DistContext] = None,
     channels_last: bool = False,
     amp: bool = False,
+    loader=None,
 ) -> torch.Tensor:
     """Run ``model`` in eval mode over ``paths`` -> (N, D) float32 CPU tensor, rows in input order.
 
     Under torch.distributed each rank extracts a contiguous shard and the shards are
-    gathered, so every rank returns the full matrix.
+    gathered, so every rank returns the full matrix. ``loader(path) -> PIL image`` reads the
+    images (default :func:`~isereid.data.images.load_rgb`; e.g. a ResizedImageCache).
     """
     ctx = dist_ctx or DistContext(device=device or torch.device("cpu"))
     device = device or ctx.device
     shard = ctx.shard(len(paths))
-    dataset = ImageDataset([paths[i] for i in shard], transform)
+    dataset = ImageDataset([paths[i] for i in shard], transform, **({"loader": loader} if loader else {}))
     loader = make_loader(dataset, workers, batch_size=batch_size, shuffle=False,
                          pin_memory=device.type == "cuda", persistent_workers=False)
     was_training = model.training

@@ -34,7 +34,7 @@ from ..camera import CameraProxyMemory, associate_clusters, camera_normalize, mu
 from ..clustering import cluster_report, jaccard_dbscan
 from ..config import ClusterConfig, Config, to_yaml
 from ..data.datasets import ReidDataset
-from ..data.images import ImageDataset
+from ..data.images import ImageDataset, ResizedImageCache
 from ..data.loader import make_loader
 from ..data.sampler import BatchListSampler, epoch_batches
 from ..data.transforms import build_test_transform, build_train_transform
@@ -163,6 +163,7 @@ class Trainer:
         self.start_epoch = 0
         self.writer = writer
         self.phases: dict[str, float] = {}  # seconds per phase of the current epoch
+        self.image_cache: Optional[ResizedImageCache] = None  # with data.cache_images, filled on first use
 
     @classmethod
     def from_config(cls, cfg: Config, dataset: ReidDataset, output_dir: Path, dist_ctx: DistContext) -> Trainer:
@@ -261,7 +262,18 @@ class Trainer:
             self.model, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
             workers=cfg.data.workers, device=self.device, progress=cfg.train.progress,
             desc=f"epoch {epoch + 1} features", dist_ctx=self.ctx, channels_last=cfg.model.channels_last,
+            loader=self._image_loader(),
         )  # fp32, as evaluation features: one precision for clustering and evaluation
+
+    def _image_loader(self):
+        """The training images' reader: a filled ResizedImageCache with ``data.cache_images``, else None
+        (decode from disk each time)."""
+        if not self.cfg.data.cache_images:
+            return None
+        if self.image_cache is None:
+            self.image_cache = ResizedImageCache((self.cfg.data.height, self.cfg.data.width)).fill(
+                [s.path for s in self.train_samples])
+        return self.image_cache
 
     def _install_labels(self, epoch: int, features: torch.Tensor, labels: np.ndarray) -> dict:
         """Memories from ``labels`` (N,) of ``features`` (N, D); returns the epoch record's label parts."""
@@ -332,8 +344,9 @@ class Trainer:
         camids = np.array([self.train_samples[i].camid for i in keep])
         batches = epoch_batches(labels, camids, cfg.data.batch_size, cfg.data.num_instances, cfg.optim.iters,
                                 seed=cfg.seed * 100_003 + epoch)
+        loader = self._image_loader()
         dataset = ImageDataset([self.train_samples[i].path for i in keep], build_train_transform(cfg.data),
-                               labels=labels.tolist())
+                               labels=labels.tolist(), **({"loader": loader} if loader else {}))
         sampler = BatchListSampler(batches, rank=self.ctx.rank, world_size=self.ctx.world_size)
         return make_loader(dataset, cfg.data.workers, batch_sampler=sampler,
                            pin_memory=self.device.type == "cuda", persistent_workers=False)
