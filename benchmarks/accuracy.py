@@ -4,7 +4,7 @@
         --variants direct,ise,camera_aware,supervised --output acc.json model.pretrained_path=mnv2.pt
 
 Each variant runs the real command line (``isereid train`` / ``isereid test``) in its own run
-folder under ``--work-dir``, once per seed (``seed=1..N``), and is scored by the metrics of its
+folder under ``--work-dir``, once per seed (``seed=1..N``, or from ``--first-seed``), and is scored by the metrics of its
 **last** epoch (not the best one: choosing the epoch on the test set flatters, see
 docs/reference_quirks.md). Variants:
 
@@ -146,7 +146,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True)
     p.add_argument("--config", required=True, help="preset name or YAML (e.g. cpu, demo)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds 1..N per variant")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per variant: FIRST..FIRST+N-1 (default 2)")
+    p.add_argument("--first-seed", type=int, default=1,
+                   help="first seed (default 1); e.g. run seeds in parallel processes, then once more with "
+                        "--seeds N to collect the finished runs")
     p.add_argument("--variants", default="direct,baseline,pil,lp,ise,supervised")
     p.add_argument("--define", action="append", default=[], metavar='NAME="k=v k=v"',
                    help="an extra variant made of overrides")
@@ -168,7 +171,8 @@ def main(argv=None) -> int:
         p.error("--seeds must be at least 1")
     rows = []
     for variant in wanted:
-        seeds = [1] if variant == "direct" else range(1, args.seeds + 1)  # direct transfer has no randomness
+        # direct transfer has no randomness
+        seeds = [1] if variant == "direct" else range(args.first_seed, args.first_seed + args.seeds)
         runs = []
         for seed in seeds:
             print(f"[accuracy] {variant} seed {seed} ...", file=sys.stderr, flush=True)
