@@ -4,8 +4,8 @@
         --variants direct,ise,camera_aware,supervised --output acc.json model.pretrained_path=mnv2.pt
 
 Each variant runs the real command line (``isereid train`` / ``isereid test``) in its own run
-folder under ``--work-dir``, once per seed (``seed=1..N``, or from ``--first-seed``), and is scored by the metrics of its
-**last** epoch (not the best one: choosing the epoch on the test set flatters, see
+folder under ``--work-dir``, once per seed (``seed=1..N``, or from ``--first-seed``), and is
+scored by the metrics of its **last** epoch (not the best one: choosing the epoch on the test set flatters, see
 docs/reference_quirks.md). Variants:
 
 * ``direct``: no training, the configured (pretrained) backbone as it is;

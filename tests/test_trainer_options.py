@@ -70,11 +70,28 @@ def test_camera_options_need_two_cameras(tmp_path):
     root = tmp_path / "one_cam"
     samples = [Sample(str(root / f"{i:04d}.jpg"), i % 5, 0) for i in range(40)]
     dataset = ReidDataset(name="folder", root=root, train=samples, query=[], gallery=[])
-    for option in ("memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true"):
-        cfg = load_config("demo", [*TINY, option])
+    off = ["memory.camera_aware=false", "cluster.camera_norm=false"]  # the demo preset turns these on
+    for option in ("memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true",
+                   "ise.foreign=same_camera"):
+        cfg = load_config("demo", [*TINY, *off, option])
         with pytest.raises(ConfigError, match="two or more cameras") as err:
             Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())
         assert "\n" not in str(err.value)
+    # The hint names every switch that is on; following it makes the error go away.
+    cfg = load_config("cpu", [*TINY, "model.pretrained=false", "model.arch=resnet18"])
+    with pytest.raises(ConfigError) as err:
+        Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())
+    hint = str(err.value).split("; set ", 1)[1].split()
+    assert sorted(hint) == ["cluster.associate=false", "cluster.camera_norm=false", "ise.foreign=any",
+                            "memory.camera_aware=false"]
+    cfg = load_config("cpu", [*TINY, "model.pretrained=false", "model.arch=resnet18", *hint])
+    assert Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext()).multi_camera is False
+
+
+def test_camera_aware_needs_two_instances_per_identity():
+    with pytest.raises(ConfigError, match="data.num_instances >= 2"):
+        load_config("cpu", ["data.num_instances=1"])
+    assert load_config("cpu", ["data.num_instances=1", "memory.camera_aware=false"]).data.num_instances == 1
 
 
 def test_clusterer_associates_after_dbscan():

@@ -314,6 +314,9 @@ def validate(cfg: Config) -> None:
     for key in ("memory.temperature", "ise.lp_temperature", "cluster.eps", "optim.lr", "memory.camera_temperature"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {_get(cfg, key)}")
+    if cfg.memory.camera_aware and cfg.data.num_instances < 2:
+        raise ConfigError("memory.camera_aware=true needs data.num_instances >= 2, so that a batch can hold one "
+                          f"pseudo-identity's images from two cameras (got {cfg.data.num_instances})")
     if len(cfg.data.erasing_value) != 3:
         raise ConfigError("data.erasing_value must hold 3 numbers (one per RGB channel)")
 

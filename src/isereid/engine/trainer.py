@@ -147,10 +147,15 @@ class Trainer:
         # Cameras numbered 0..C-1 (dataset camera ids may be any integers).
         self.camera_index = np.unique(self.camids, return_inverse=True)[1].astype(np.int64).ravel()
         self.multi_camera = len(np.unique(self.camids)) >= 2
-        if (cfg.memory.camera_aware or cfg.cluster.camera_norm or cfg.cluster.associate) and not self.multi_camera:
-            raise ConfigError(f"memory.camera_aware / cluster.camera_norm / cluster.associate need images from two "
-                              f"or more cameras; "
-                              f"the training images of {dataset.name} have a single camera id (or none)")
+        camera_switches = {"memory.camera_aware=true": cfg.memory.camera_aware,
+                           "cluster.camera_norm=true": cfg.cluster.camera_norm,
+                           "cluster.associate=true": cfg.cluster.associate,
+                           "ise.foreign=same_camera": cfg.ise.foreign == "same_camera"}
+        if any(camera_switches.values()) and not self.multi_camera:
+            on = [k for k, v in camera_switches.items() if v]
+            off = " ".join(k.replace("=true", "=false").replace("=same_camera", "=any") for k in on)
+            raise ConfigError(f"{', '.join(on)} need images from two or more cameras, but the training images of "
+                              f"{dataset.name} have a single camera id (or none); set {off}")
         self.camera_memory: Optional[CameraProxyMemory] = None
         if cfg.train.supervised and self.true_pids is None:
             raise ConfigError("train.supervised=true needs identities in the training file names "
