@@ -146,3 +146,21 @@ def test_camera_options_are_validated(override, key):
     with pytest.raises(ConfigError) as exc:
         load_config("cpu", [override])
     assert key in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("override", [
+    "train.log_every=0", "eval.max_rank=0", "eval.rerank_k1=0", "eval.rerank_k2=0", "eval.rerank_lambda=1.5",
+    "eval.every=-1", "model.bn_chunk=1", "model.last_stride=3", "data.workers=-1", "data.flip_prob=2",
+    "data.max_bad_fraction=-0.1", "optim.weight_decay=-1", "train.grad_clip=0", "ise.lp_weight=-1",
+])
+def test_ranges_are_checked_before_any_work(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as exc:
+        load_config("demo", [override])
+    assert key in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_range_edges_are_accepted():
+    cfg = load_config("demo", ["train.log_every=1", "eval.every=0", "model.bn_chunk=2", "model.last_stride=2",
+                               "data.workers=0", "eval.rerank_lambda=0", "train.grad_clip=1.0"])
+    assert cfg.model.bn_chunk == 2 and cfg.eval.every == 0

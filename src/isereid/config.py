@@ -321,6 +321,43 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.erasing_value must hold 3 numbers (one per RGB channel)")
 
 
+    _validate_ranges(cfg)
+
+
+# Ranges that types alone cannot express, checked before any work (a bad value must not surface as a
+# traceback after the first epoch): key -> (low, high, what), None for an open end.
+RANGES = {
+    "train.log_every": (1, None, "an integer >= 1"),
+    "eval.max_rank": (1, None, "an integer >= 1"),
+    "eval.rerank_k1": (1, None, "an integer >= 1"),
+    "eval.rerank_k2": (1, None, "an integer >= 1"),
+    "eval.rerank_lambda": (0.0, 1.0, "a number in [0, 1]"),
+    "eval.every": (0, None, "an integer >= 0 (0: only after the last epoch)"),
+    "eval.visualize": (0, None, "an integer >= 0"),
+    "model.bn_chunk": (2, None, "an integer >= 2 (BatchNorm needs two rows per chunk)"),
+    "model.last_stride": (1, 2, "1 or 2"),
+    "data.workers": (0, None, "an integer >= 0"),
+    "data.pad": (0, None, "an integer >= 0"),
+    "data.flip_prob": (0.0, 1.0, "a number in [0, 1]"),
+    "data.erasing_prob": (0.0, 1.0, "a number in [0, 1]"),
+    "data.max_bad_fraction": (0.0, 1.0, "a number in [0, 1]"),
+    "optim.weight_decay": (0.0, None, "a number >= 0"),
+    "optim.gamma": (0.0, None, "a number >= 0"),
+    "ise.lambda_base": (0.0, None, "a number >= 0"),
+    "ise.lp_weight": (0.0, None, "a number >= 0"),
+}
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for key, (low, high, what) in RANGES.items():
+        value = _get(cfg, key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(f"config key {key!r} must be {what}, got {value}")
+    if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
+        raise ConfigError(f"config key 'train.grad_clip' must be positive (or null for no clipping), "
+                          f"got {cfg.train.grad_clip}")
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config as YAML (written to ``config.yaml`` in a run folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
