@@ -385,10 +385,11 @@ def job_cuda_tests(a: Dict[str, Any]) -> Dict[str, Any]:
 class IterationSteps:
     """One ISE iteration as the trainer runs it, and the bare backbone's iteration, on one model.
 
-    ``ise(images, labels)``: autocast forward, ``ise_losses`` (supports, memory loss over 2B rows,
-    LP loss), the finite-loss check, scaled backward, Adam step, memory update, and the three
-    loss read-outs the trainer logs. ``bare(images)``: the same forward/backward/step with a
-    trivial loss (a fixed projection of the features), i.e. the backbone's own cost.
+    ``ise(images, labels)``: the trainer's own :func:`isereid.engine.step.train_step` (autocast
+    forward, supports, memory loss over 2B rows, LP loss, the finite-loss check, scaled backward,
+    Adam step, guarded memory update, the loss read-outs). ``bare(images)``: the same
+    forward/backward/step with a trivial loss (a fixed projection of the features), i.e. the
+    backbone's own cost. ``amp`` is off by default in the trainer; the checks time both.
     """
 
     def __init__(self, model, num_clusters: int, device, amp: bool):
@@ -396,6 +397,8 @@ class IterationSteps:
         import torch.nn.functional as F
 
         from isereid.config import ISEConfig, MemoryConfig
+        from isereid.distributed import DistContext
+        from isereid.engine.step import StepParts
         from isereid.ise import interpolation_weight
         from isereid.memory import ClusterMemory
         from isereid.models import trainable_parameters
@@ -404,14 +407,15 @@ class IterationSteps:
         dim = model.num_features
         self.model, self.device, self.amp = model, device, amp
         params = trainable_parameters(model)
-        self.opt_ise = torch.optim.Adam(params, lr=3.5e-4, weight_decay=5e-4)
         self.opt_bare = torch.optim.Adam(params, lr=3.5e-4, weight_decay=5e-4)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
         centroids = F.normalize(torch.randn(num_clusters, dim, generator=g), dim=1).to(device)
-        self.memory = ClusterMemory(centroids, temperature=0.05, momentum=0.2, mode="hard")
+        self.parts = StepParts(
+            net=model, model=model, optimizer=torch.optim.Adam(params, lr=3.5e-4, weight_decay=5e-4),
+            scaler=self.scaler, memory=ClusterMemory(centroids, temperature=0.05, momentum=0.2, mode="hard"),
+            ise=ISEConfig(), memory_cfg=MemoryConfig(), ctx=DistContext(device=device), amp=amp)
         self.probe = torch.randn(dim, generator=g).to(device)
         self.weight = interpolation_weight(500, 1000)
-        self.ise_cfg, self.mem_cfg = ISEConfig(), MemoryConfig()
 
     def _forward(self, images):
         import torch
@@ -420,19 +424,9 @@ class IterationSteps:
             return self.model(images)
 
     def ise(self, images, labels) -> None:
-        import torch
+        from isereid.engine.step import train_step
 
-        from isereid.engine.step import ise_losses
-
-        out = ise_losses(self._forward(images).float(), labels, self.memory, self.weight, self.ise_cfg, self.mem_cfg)
-        if not torch.isfinite(out.total):
-            raise FloatingPointError(f"ISE loss became {out.total.item()}")
-        self.opt_ise.zero_grad(set_to_none=True)
-        self.scaler.scale(out.total).backward()
-        self.scaler.step(self.opt_ise)
-        self.scaler.update()
-        self.memory.update(out.memory_inputs, out.memory_labels)
-        out.total.item(), out.contrastive.item(), out.label_preserving.item()
+        train_step(self.parts, images, labels, None, self.weight)
 
     def bare(self, images) -> None:
         loss = (self._forward(images).float() @ self.probe).sum()

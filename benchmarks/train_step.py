@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from isereid.config import ISEConfig, MemoryConfig, ModelConfig
-from isereid.engine.step import ise_losses
+from isereid.distributed import DistContext
+from isereid.engine.step import StepParts, train_step
 from isereid.ise import interpolation_weight
 from isereid.memory import ClusterMemory
 from isereid.models import build_model, trainable_parameters
@@ -53,14 +54,12 @@ def main() -> None:
     opt_ce = torch.optim.Adam(list(trainable_parameters(model)) + list(classifier.parameters()), lr=3.5e-4)
     ise_cfg, mem_cfg = ISEConfig(), MemoryConfig()
 
-    def ise_step():
-        with torch.autocast(device.type, enabled=args.amp):
-            f = model(images)
-        out = ise_losses(f.float(), labels, memory, interpolation_weight(500, 1000), ise_cfg, mem_cfg)
-        opt.zero_grad(set_to_none=True)
-        out.total.backward()
-        opt.step()
-        memory.update(out.memory_inputs, out.memory_labels)
+    parts = StepParts(net=model, model=model, optimizer=opt, memory=memory, ise=ise_cfg, memory_cfg=mem_cfg,
+                      scaler=torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"),
+                      ctx=DistContext(device=device), amp=args.amp)
+
+    def ise_step():  # the trainer's own iteration
+        train_step(parts, images, labels, None, interpolation_weight(500, 1000))
 
     def ce_step():
         with torch.autocast(device.type, enabled=args.amp):

@@ -12,7 +12,9 @@ import torch
 
 from ..camera import CameraProxyMemory
 from ..config import ISEConfig, MemoryConfig
-from ..ise import support_samples
+from ..distributed import DistContext, gather_with_grad
+from ..errors import TrainingDiverged
+from ..ise import same_camera_candidates, support_samples
 from ..losses import label_preserving_loss
 from ..memory import ClusterMemory
 
@@ -94,3 +96,77 @@ def camera_losses(features: torch.Tensor, labels: torch.Tensor, camids: torch.Te
     inter = memory.inter_loss(features, labels, camids)
     total = memory_cfg.camera_intra_weight * intra + memory_cfg.camera_inter_weight * inter
     return CameraLosses(total, intra.detach(), inter.detach())
+
+
+@dataclass
+class StepParts:
+    """What one training iteration works with; built once per epoch by the trainer (or a benchmark).
+
+    net: the (maybe DDP-wrapped) network; model: the bare network (its parameters are clipped);
+    memory / camera_memory: read before and written after the step (camera_memory None unless
+    camera-aware); cluster_cameras: (M, C) bool, cluster m holds images of camera id c, for
+    ``ise.foreign=same_camera`` (None otherwise); scaler: a GradScaler (disabled on CPU).
+    """
+
+    net: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    memory: ClusterMemory
+    ise: ISEConfig
+    memory_cfg: MemoryConfig
+    ctx: DistContext
+    camera_memory: Optional[CameraProxyMemory] = None
+    cluster_cameras: Optional[torch.Tensor] = None
+    amp: bool = False
+    grad_clip: Optional[float] = None
+    channels_last: bool = False
+
+
+def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, camids: Optional[torch.Tensor],
+               weight: float, where: str = "") -> dict[str, float]:
+    """One ISE iteration, as the trainer runs it: autocast forward of this rank's ``images`` (b, 3, H, W)
+    with pseudo-labels (b,) and camera ids (b,) (None when neither camera option needs them), gather
+    of the global batch (with gradient), the ISE losses and the camera terms, the divergence check,
+    the scaled backward, clipping, the optimizer step and the memory updates, skipped together with
+    a step the gradient scaler skipped. Returns the loss read-outs (``loss``, ``loss_cc``,
+    ``loss_lp`` and, camera-aware, ``loss_intra``, ``loss_inter``).
+
+    Raises TrainingDiverged (naming ``where``) when the loss is not finite."""
+    device = next(parts.model.parameters()).device
+    images = images.to(device, non_blocking=True)
+    if parts.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, enabled=parts.amp):
+        local = parts.net(images)
+    features = gather_with_grad(local.float(), parts.ctx)
+    labels = parts.ctx.all_gather(labels.to(device, non_blocking=True))
+    cams = None if camids is None else parts.ctx.all_gather(camids.to(device, non_blocking=True))
+    allowed = None if parts.cluster_cameras is None else same_camera_candidates(cams, parts.cluster_cameras)
+    losses = ise_losses(features, labels, parts.memory, weight, parts.ise, parts.memory_cfg, allowed)
+    cam = None
+    if parts.camera_memory is not None:
+        cam = camera_losses(features, labels, cams, parts.camera_memory, parts.memory_cfg)
+        losses.total = losses.total + cam.total
+    if not torch.isfinite(losses.total):
+        raise TrainingDiverged(f"loss became {losses.total.item()}{where}; lower optim.lr or disable train.amp")
+    parts.optimizer.zero_grad(set_to_none=True)
+    # Every rank computes the same global loss; DDP averages gradients, so scale by W.
+    parts.scaler.scale(losses.total * parts.ctx.world_size).backward()
+    if parts.grad_clip:
+        parts.scaler.unscale_(parts.optimizer)
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip)
+    scale = parts.scaler.get_scale() if parts.scaler.is_enabled() else None
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    # A step the gradient scaler skipped (inf/NaN gradients under AMP) must not move the memories
+    # either: the scale only shrinks when the step was skipped.
+    if scale is None or parts.scaler.get_scale() >= scale:
+        parts.memory.update(losses.memory_inputs, losses.memory_labels)
+        if cam is not None:
+            parts.camera_memory.update(features.detach(), labels, cams)
+    values = {"loss": losses.total.item(), "loss_cc": losses.contrastive.item(),
+              "loss_lp": losses.label_preserving.item()}
+    if cam is not None:
+        values.update(loss_intra=cam.intra.item(), loss_inter=cam.inter.item())
+    return values

@@ -38,10 +38,10 @@ from ..data.images import ImageDataset, ResizedImageCache
 from ..data.loader import make_loader
 from ..data.sampler import BatchListSampler, epoch_batches
 from ..data.transforms import build_test_transform, build_train_transform
-from ..distributed import DistContext, gather_with_grad
-from ..errors import ClusteringError, ConfigError, TrainingDiverged
+from ..distributed import DistContext
+from ..errors import ClusteringError, ConfigError
 from ..features import extract_features
-from ..ise import interpolation_weight, same_camera_candidates
+from ..ise import interpolation_weight
 from ..memory import ClusterMemory
 from ..models import build_model, trainable_parameters
 from ..utils import atomic_write_text, failpoint
@@ -49,7 +49,7 @@ from . import checkpoint as ckpt
 from .evaluate import evaluate_model
 from .records import EpochRecord
 from .run_state import RunFolder
-from .step import camera_losses, ise_losses
+from .step import StepParts, train_step
 
 log = logging.getLogger("isereid")
 
@@ -144,8 +144,6 @@ class Trainer:
         true_pids = np.array([s.pid for s in self.train_samples])
         self.true_pids = true_pids if len(true_pids) and (true_pids >= 0).all() else None
         self.camids = np.array([s.camid for s in self.train_samples], dtype=np.int64)
-        # Cameras numbered 0..C-1 (dataset camera ids may be any integers).
-        self.camera_index = np.unique(self.camids, return_inverse=True)[1].astype(np.int64).ravel()
         self.multi_camera = len(np.unique(self.camids)) >= 2
         camera_switches = {"memory.camera_aware=true": cfg.memory.camera_aware,
                            "cluster.camera_norm=true": cfg.cluster.camera_norm,
@@ -325,12 +323,12 @@ class Trainer:
                         "try %s (see docs/camera_aware.md)", epoch + 1, 100 * share, report.num_clusters, hint)
 
     def _cluster_cameras(self) -> torch.Tensor:
-        """(M, C) bool on the device: pseudo-identity m holds images of camera index c."""
+        """(M, C) bool on the device: pseudo-identity m holds images of camera id c (C = max id + 1)."""
         keep = self.pseudo_labels >= 0
-        num_cams = int(self.camera_index.max()) + 1 if len(self.camera_index) else 1
-        seen = torch.zeros(int(self.pseudo_labels.max()) + 1, num_cams, dtype=torch.bool, device=self.device)
+        seen = torch.zeros(int(self.pseudo_labels.max()) + 1, int(self.camids.max()) + 1, dtype=torch.bool,
+                           device=self.device)
         seen[torch.as_tensor(self.pseudo_labels[keep], device=self.device),
-             torch.as_tensor(self.camera_index[keep], device=self.device)] = True
+             torch.as_tensor(self.camids[keep], device=self.device)] = True
         return seen
 
     def _camera_kwargs(self) -> dict:
@@ -359,18 +357,19 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int) -> dict:
         """One epoch of ``optim.iters`` steps; returns the epoch record's mean losses and interpolation_weight."""
-        cfg, memory = self.cfg, self.memory
-        assert memory is not None
+        cfg = self.cfg
+        assert self.memory is not None
         self.net.train()
         loader = self._epoch_loader(epoch)
-        sums = {"loss": 0.0, "loss_cc": 0.0, "loss_lp": 0.0}
-        cam_memory = self.camera_memory  # None unless memory.camera_aware
-        if cam_memory is not None:
-            sums.update(loss_intra=0.0, loss_inter=0.0)
-        # Camera of each row of this epoch's dataset (the loader yields row indices).
-        epoch_cams = torch.as_tensor(self.camids[self.pseudo_labels >= 0], device=self.device)
-        cluster_cams = self._cluster_cameras() if cfg.ise.foreign == "same_camera" else None
-        camera_index = torch.as_tensor(self.camera_index[self.pseudo_labels >= 0], device=self.device)
+        parts = StepParts(
+            net=self.net, model=self.model, optimizer=self.optimizer, scaler=self.scaler, memory=self.memory,
+            ise=cfg.ise, memory_cfg=cfg.memory, ctx=self.ctx, camera_memory=self.camera_memory,
+            cluster_cameras=self._cluster_cameras() if cfg.ise.foreign == "same_camera" else None,
+            amp=self.amp, grad_clip=cfg.train.grad_clip, channels_last=cfg.model.channels_last)
+        # Camera id of each row of this epoch's dataset (the loader yields row indices).
+        need_cams = parts.camera_memory is not None or parts.cluster_cameras is not None
+        epoch_cams = torch.as_tensor(self.camids[self.pseudo_labels >= 0]) if need_cams else None
+        sums: dict[str, float] = {}
         bar = tqdm(loader, total=cfg.optim.iters, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
                    disable=not (cfg.train.progress and self.ctx.is_main), unit="it")
         weight = 0.0
@@ -379,52 +378,12 @@ class Trainer:
             data_wait += time.perf_counter() - waited_from
             step = epoch * cfg.optim.iters + i
             weight = interpolation_weight(step, self.total_steps, cfg.ise.lambda_base)
-            images = images.to(self.device, non_blocking=True)
-            if cfg.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = labels.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                local = self.net(images)
-            features = gather_with_grad(local.float(), self.ctx)
-            labels = self.ctx.all_gather(labels)
-            rows = rows.to(self.device)
-            allowed = None
-            if cluster_cams is not None:
-                allowed = same_camera_candidates(self.ctx.all_gather(camera_index[rows]), cluster_cams)
-            losses = ise_losses(features, labels, memory, weight, cfg.ise, cfg.memory, allowed)
-            cam = None
-            if cam_memory is not None:
-                cams = self.ctx.all_gather(epoch_cams[rows])
-                cam = camera_losses(features, labels, cams, cam_memory, cfg.memory)
-                losses.total = losses.total + cam.total
-            if not torch.isfinite(losses.total):
-                raise TrainingDiverged(
-                    f"loss became {losses.total.item()} at epoch {epoch + 1}, iteration {i + 1}; the last good "
-                    f"checkpoint is kept in {self.out}; lower optim.lr or disable train.amp"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            # Every rank computes the same global loss; DDP averages gradients, so scale by W.
-            self.scaler.scale(losses.total * self.ctx.world_size).backward()
-            if cfg.train.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            # A step the gradient scaler skipped (inf/NaN gradients under AMP) must not move the
-            # memory either: the scale only shrinks when the step was skipped.
-            if scale is None or self.scaler.get_scale() >= scale:
-                memory.update(losses.memory_inputs, losses.memory_labels)
-                if cam is not None:
-                    cam_memory.update(features.detach(), labels, cams)
+            values = train_step(parts, images, labels, None if epoch_cams is None else epoch_cams[rows], weight,
+                                where=f" at epoch {epoch + 1}, iteration {i + 1}; the last good checkpoint "
+                                      f"is kept in {self.out}")
             failpoint("iteration")
-
-            values = {"loss": losses.total.item(), "loss_cc": losses.contrastive.item(),
-                      "loss_lp": losses.label_preserving.item()}
-            if cam is not None:
-                values.update(loss_intra=cam.intra.item(), loss_inter=cam.inter.item())
             for k, v in values.items():
-                sums[k] += v
+                sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{values['loss']:.3f}")
             if self.writer is not None and (step % cfg.train.log_every == 0):
                 for k, v in values.items():
