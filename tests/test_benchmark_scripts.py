@@ -1,0 +1,44 @@
+"""The benchmark scripts users run stay runnable: tiny smoke runs that check their output files
+(the figures themselves are measured on real data, never asserted here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from isereid.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["optim.iters=2", "data.workers=0", "data.batch_size=32", "model.bn_chunk=16", "data.height=32",
+        "data.width=16", "data.pad=2", "cluster.eps=0.5", "eval.every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench_demo")
+    assert main(["demo-data", str(root), "--identities", "24", "--cameras", "3", "--seed", "2"]) == 0
+    return root
+
+
+def test_epoch_profile_writes_phases_and_ratio(tiny_demo, tmp_path):
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "epoch_profile.py"), "--config", "demo",
+                           "--data-root", str(tiny_demo), "--output", str(out), "--bare-steps", "2", "--warmup", "1",
+                           *TINY], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {"extract", "cluster", "train", "data_wait", "evaluate"} <= set(result["phases"])
+    assert result["iters"] == 2 and result["bare_step_seconds"] > 0
+    assert result["train_ratio"] == pytest.approx(result["phases"]["train"] / (2 * result["bare_step_seconds"]))
+    assert "train / bare" in proc.stdout
+
+
+def test_epoch_profile_bad_config_is_one_line(tiny_demo, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "epoch_profile.py"), "--config", "demo",
+                           "--data-root", str(tiny_demo), "--output", str(tmp_path / "p.json"), "optim.nope=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "optim.nope" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p.json").exists()
