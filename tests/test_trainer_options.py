@@ -51,8 +51,10 @@ def test_camera_aware_run_logs_terms_and_resumes_its_proxies(tiny_demo, tmp_path
     assert [r.epoch for r in history] == [1, 2]
     for record in history:
         assert record.loss_intra > 0 and record.loss_inter > 0
-        # total = cc + 0.1 lp + 1.0 intra + 0.5 inter, per iteration, so also for the epoch means
-        expected = record.loss_cc + 0.1 * record.loss_lp + record.loss_intra + 0.5 * record.loss_inter
+        # total = w_cc cc + w_lp lp + w_intra intra + w_inter inter, per iteration, so also for the epoch means
+        m = trainer.cfg.memory
+        expected = (m.cluster_weight * record.loss_cc + trainer.cfg.ise.lp_weight * record.loss_lp
+                    + m.camera_intra_weight * record.loss_intra + m.camera_inter_weight * record.loss_inter)
         assert record.loss == pytest.approx(expected, abs=1e-4)
         assert 0.0 <= record.cluster["cross_camera_clusters"] <= 1.0
     proxies = trainer.camera_memory
@@ -106,7 +108,7 @@ def test_clusterer_associates_after_dbscan():
     cams = np.tile(np.repeat([0, 1], 5), 6)
     x = torch.nn.functional.normalize(views[cams, pid] + 0.03 * torch.randn(60, 32, generator=g), dim=1)
     overrides = ["cluster.k1=5", "cluster.k2=1", "cluster.eps=0.6", "cluster.min_samples=3"]
-    plain = jaccard_clusterer(load_config("demo", overrides).cluster)(x, cams)
+    plain = jaccard_clusterer(load_config("demo", [*overrides, "cluster.associate=false"]).cluster)(x, cams)
     np.testing.assert_array_equal(plain, pid.numpy() * 2 + cams)  # one cluster per person and camera
     cfg = load_config("demo", [*overrides, "cluster.associate=true", "cluster.associate_min_similarity=0.3"]).cluster
     joined = jaccard_clusterer(cfg)(x, cams)
