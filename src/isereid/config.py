@@ -26,6 +26,7 @@ from .data.datasets import DATASET_NAMES
 from .errors import ConfigError
 from .losses import NEGATIVES
 from .memory import MODES as MEMORY_MODES
+from .presets import preset_names
 
 
 @dataclass
@@ -169,12 +170,6 @@ CHOICES = {
     "memory.mode": MEMORY_MODES,
     "ise.lp_negatives": NEGATIVES,
 }
-
-
-def preset_names() -> list[str]:
-    """Names of the presets shipped in ``isereid/configs``."""
-    folder = resources.files("isereid") / "configs"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def _read_yaml(name_or_path: str) -> Any:
