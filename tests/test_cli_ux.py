@@ -90,7 +90,7 @@ def test_failed_start_removes_only_the_folder_it_created(tmp_path, capsys):
     out = tmp_path / "runs" / "new"
     assert main(["train", "--config", "demo", "--data-root", str(tmp_path / "nothere"), "--output-dir",
                  str(out)]) == 2
-    assert not out.exists()
+    assert not (tmp_path / "runs").exists()
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")

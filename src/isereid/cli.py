@@ -102,7 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args, extra)
     ctx = init_distributed(cfg.device)
     out = Path(cfg.output_dir)
-    created, log_file = False, None
+    created: Optional[Path] = None  # the outermost folder this command created
+    log_file = None
     try:
         if not ctx.is_main:
             log.setLevel(logging.WARNING)
@@ -128,8 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if log_file is not None:
             log.removeHandler(log_file)
             log_file.close()
-        if created and not (out / "checkpoint_last.pt").exists():  # a failed start leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
+        if created is not None and not (out / "checkpoint_last.pt").exists():  # a failed start leaves nothing
+            shutil.rmtree(created, ignore_errors=True)
         raise
     finally:
         shutdown_distributed()
@@ -145,20 +146,20 @@ def _describe_config(name_or_path: str) -> str:
     return f"config file {name_or_path}"
 
 
-def _make_output_dir(out: Path) -> bool:
-    """Create the run folder ``out`` (and its parents); whether it was created now."""
+def _make_output_dir(out: Path) -> Optional[Path]:
+    """Create the run folder ``out`` (and its parents); the outermost folder created now, or None."""
     from .errors import OutputError
 
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise OutputError(f"cannot use {out} as the run folder: {blocking} is a file; "
                           "give --output-dir a new or existing folder")
-    existed = out.is_dir()
+    missing = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create the run folder {out}: {e.strerror or e}") from None
-    return not existed
+    return missing[-1] if missing else None
 
 
 def _check_cameras(cfg, dataset) -> None:
