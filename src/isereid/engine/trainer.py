@@ -283,10 +283,12 @@ class Trainer:
         cfg = self.cfg
         num_clusters = int(labels.max()) + 1 if len(labels) else 0
         if num_clusters < 2:
+            merged = num_clusters == 1 and 2 * int((labels >= 0).sum()) >= len(labels)  # one cluster holds most
+            advice = ("lower cluster.eps: one cluster swallowed most images" if merged else
+                      "raise cluster.eps (or lower cluster.min_samples), or train on more images")
             raise ClusteringError(
                 f"epoch {epoch + 1}: DBSCAN found {num_clusters} cluster(s) among {len(labels)} images "
-                f"({int((labels < 0).sum())} outliers) with cluster.eps={cfg.cluster.eps}; "
-                "raise cluster.eps (or lower cluster.min_samples), or train on more images"
+                f"({int((labels < 0).sum())} outliers) with cluster.eps={cfg.cluster.eps}; {advice}"
             )
         keep = labels >= 0
         self.memory = ClusterMemory.from_features(

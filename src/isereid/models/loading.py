@@ -35,8 +35,12 @@ def infer_model_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
     """
     blocks = tuple(_stage_blocks(state, s) for s in (4, 5, 6, 7))
     if "base.0.weight" not in state or 0 in blocks:
+        backbone = "" if any(k.startswith("base.") for k in state) else (
+            "; it looks like backbone weights, not a trained re-ID model: give it as model.pretrained_path=FILE "
+            "(with model.arch=ARCH) instead of --checkpoint, after `isereid weights import FILE --arch ARCH "
+            "--output OUT.pt` when it is not in torchvision's layout")
         raise CheckpointError("the state dict is not in the ResNet re-ID layout (keys base.0.weight, "
-                              f"base.4.* ... base.7.*, feat_bn.*); first keys: {', '.join(list(state)[:3])}")
+                              f"base.4.* ... base.7.*, feat_bn.*); first keys: {', '.join(list(state)[:3])}{backbone}")
     kind = "bottleneck" if "base.4.0.conv3.weight" in state else "basic"
     width = groups_in = None
     if kind == "bottleneck" and "base.4.0.conv2.weight" in state:
