@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from operator import attrgetter
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -25,7 +24,6 @@ EXIT_INTERRUPTED = 130
 # ``log.info(..., extra=RESULT)``: a result line (stdout, and the run's train.log); everything else
 # the command logs is progress (stderr).
 RESULT = {"result": True}
-CAMERA_SWITCHES = ("memory.camera_aware", "cluster.camera_norm", "cluster.associate")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -166,15 +164,16 @@ def _check_cameras(cfg, dataset) -> None:
     """Camera-aware switches need training images from two or more cameras: name the switches to
     turn off, or how the dataset could tell the cameras apart."""
     from .data.datasets import NO_CAMERAS_HINT
+    from .engine.trainer import camera_switches_on
     from .errors import ConfigError
 
-    on = [key for key in CAMERA_SWITCHES if attrgetter(key)(cfg)]
+    on = camera_switches_on(cfg)
     cameras = {s.camid for s in dataset.train}
     if on and len(cameras) < 2:
         how = dataset.cameras_from.split(" (")[0]
         raise ConfigError(
             f"{', '.join(on)} need training images from two or more cameras, but every image of {dataset.name} "
-            f"is camera {min(cameras, default=0)} (cameras: {how}); add {' '.join(k + '=false' for k in on)}, "
+            f"is camera {min(cameras, default=0)} (cameras: {how}); add {' '.join(on.values())}, "
             f"or {NO_CAMERAS_HINT}"
         )
 

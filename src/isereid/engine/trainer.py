@@ -77,6 +77,16 @@ def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
     return cluster
 
 
+def camera_switches_on(cfg: Config) -> dict[str, str]:
+    """The camera options ``cfg`` turns on, as ``{"key=value": "key=<off value>"}`` (empty when none):
+    each needs training images from two or more cameras."""
+    options = {"memory.camera_aware": (cfg.memory.camera_aware, "true", "false"),
+               "cluster.camera_norm": (cfg.cluster.camera_norm, "true", "false"),
+               "cluster.associate": (cfg.cluster.associate, "true", "false"),
+               "ise.foreign": (cfg.ise.foreign == "same_camera", "same_camera", "any")}
+    return {f"{key}={on}": f"{key}={off}" for key, (active, on, off) in options.items() if active}
+
+
 def check_distributed_batch(cfg: Config, world: int) -> None:
     """ConfigError unless the global batch splits evenly into per-process batches that chunked BN can use."""
     if cfg.data.batch_size % world:
@@ -145,15 +155,10 @@ class Trainer:
         self.true_pids = true_pids if len(true_pids) and (true_pids >= 0).all() else None
         self.camids = np.array([s.camid for s in self.train_samples], dtype=np.int64)
         self.multi_camera = len(np.unique(self.camids)) >= 2
-        camera_switches = {"memory.camera_aware=true": cfg.memory.camera_aware,
-                           "cluster.camera_norm=true": cfg.cluster.camera_norm,
-                           "cluster.associate=true": cfg.cluster.associate,
-                           "ise.foreign=same_camera": cfg.ise.foreign == "same_camera"}
-        if any(camera_switches.values()) and not self.multi_camera:
-            on = [k for k, v in camera_switches.items() if v]
-            off = " ".join(k.replace("=true", "=false").replace("=same_camera", "=any") for k in on)
-            raise ConfigError(f"{', '.join(on)} need images from two or more cameras, but the training images of "
-                              f"{dataset.name} have a single camera id (or none); set {off}")
+        switches = camera_switches_on(cfg)
+        if switches and not self.multi_camera:
+            raise ConfigError(f"{', '.join(switches)} need images from two or more cameras, but the training images "
+                              f"of {dataset.name} have a single camera id (or none); set {' '.join(switches.values())}")
         self.camera_memory: Optional[CameraProxyMemory] = None
         if cfg.train.supervised and self.true_pids is None:
             raise ConfigError("train.supervised=true needs identities in the training file names "
