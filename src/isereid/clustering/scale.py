@@ -27,7 +27,7 @@ from ..errors import ClusteringError
 from ..utils import counts_to_indptr
 
 #: Rows whose core distances estimate the distribution (all rows below this many).
-SAMPLE_ROWS = 2048
+SAMPLE_ROWS = 1024
 #: Scratch budget (elements) of one chunk of the min-sum step.
 _SCRATCH_ELEMENTS = 1 << 22
 #: Partition warnings: outlier share, largest cluster's share of clustered images, and its
