@@ -1,21 +1,24 @@
 """Tests for isereid.clustering.scale (cluster.eps=auto) against slow dense oracles.
 
 Core distances are checked bit for bit against the dense Jaccard matrix that the reference's
-min-sum loop (test_clustering.py) computes from the same V' (V' itself is tested there); the core-point property against sklearn's DBSCAN on that matrix over a
-scan of eps values; the Otsu split against a loop over every threshold; and the automatic
-partition against DBSCAN on the dense matrix at the chosen eps.
+min-sum loop (test_clustering.py) computes from the same V' (V' itself is tested there); the
+core-point property against sklearn's DBSCAN on that matrix over a scan of eps values; the
+Otsu split against a loop over every threshold; and the automatic partition against DBSCAN on
+the dense matrix at the chosen eps.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pytest
 from sklearn.cluster import DBSCAN
-from test_clustering import blobs, noise, oracle_min_sum_distance, unit, with_duplicates
 
 from isereid.clustering import jaccard_dbscan, jaccard_dbscan_auto, partition_warning
 from isereid.clustering.jaccard import expanded_neighbourhoods
 from isereid.clustering.scale import choose_eps, core_distances, otsu_split, sample_rows
 from isereid.errors import ClusteringError, IsereidError
+from test_clustering import blobs, noise, oracle_min_sum_distance, unit, with_duplicates
 
 CASES = [
     (lambda: blobs(120, dim=16, centres=8, spread=0.35, seed=3), 6, 3, 4),
@@ -26,18 +29,13 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def dense_cache():
-    cache = {}
-
-    def get(index: int):
-        if index not in cache:
-            make, k1, k2, _ = CASES[index]
-            x = make()
-            v, _ = expanded_neighbourhoods(x, k1, k2)
-            cache[index] = (x, v, oracle_min_sum_distance(v.toarray()))
-        return cache[index]
-    return get
+@functools.lru_cache(maxsize=None)
+def dense_case(index: int):
+    """(features, V', dense Jaccard matrix from V' by the reference's loop) of CASES[index]."""
+    make, k1, k2, _ = CASES[index]
+    x = make()
+    v, _ = expanded_neighbourhoods(x, k1, k2)
+    return x, v, oracle_min_sum_distance(v.toarray())
 
 
 def oracle_core(dense: np.ndarray, min_samples: int) -> np.ndarray:
@@ -50,8 +48,8 @@ def oracle_core(dense: np.ndarray, min_samples: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("index", range(len(CASES)))
-def test_core_distances_match_dense_oracle(index, dense_cache):
-    _, v, dense = dense_cache(index)
+def test_core_distances_match_dense_oracle(index):
+    _, v, dense = dense_case(index)
     _, _, _, min_samples = CASES[index]
     np.testing.assert_array_equal(core_distances(v, min_samples), oracle_core(dense, min_samples))
     rows = sample_rows(v.shape[0], 17)
@@ -59,9 +57,9 @@ def test_core_distances_match_dense_oracle(index, dense_cache):
 
 
 @pytest.mark.parametrize("index", [0, 1, 3])
-def test_core_distance_decides_core_points_for_every_eps(index, dense_cache):
+def test_core_distance_decides_core_points_for_every_eps(index):
     """Brute force over eps on the dense matrix: DBSCAN's core points are exactly core <= eps."""
-    _, v, dense = dense_cache(index)
+    _, v, dense = dense_case(index)
     min_samples = CASES[index][3]
     core = core_distances(v, min_samples)
     for eps in np.unique(np.concatenate([np.linspace(0.05, 0.95, 19), core[core < 1]])).tolist():
@@ -97,8 +95,8 @@ def test_otsu_split_separates_two_groups():
 
 
 @pytest.mark.parametrize("index", [0, 1, 3])
-def test_auto_partition_equals_fixed_and_dense_at_chosen_eps(index, dense_cache):
-    x, _, dense = dense_cache(index)
+def test_auto_partition_equals_fixed_and_dense_at_chosen_eps(index):
+    x, _, dense = dense_case(index)
     _, k1, k2, min_samples = CASES[index]
     labels, choice = jaccard_dbscan_auto(x, k1, k2, min_samples)
     assert 0 < choice.eps < 1 and choice.sampled == len(x)
