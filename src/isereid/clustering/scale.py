@@ -79,7 +79,6 @@ def core_distances(v: sp.csr_matrix, min_samples: int, rows: Optional[np.ndarray
     n = v.shape[0]
     rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     rank = min_samples - 1
-    out = np.ones(rows.size, dtype=np.float32)
     if rank == 0:
         return np.zeros(rows.size, dtype=np.float32)
     index = kreciprocal.ColumnIndex(v)
@@ -100,11 +99,10 @@ def core_distances(v: sp.csr_matrix, min_samples: int, rows: Optional[np.ndarray
         found = np.flatnonzero(counts >= rank)
         return start + found, dist[counts_to_indptr(counts)[found] + rank - 1]
     chunks = kreciprocal.row_chunks(index.row_work(fan), _SCRATCH_ELEMENTS)
-    found = np.full(n, np.float32(1.0), dtype=np.float32)
+    core = np.ones(n, dtype=np.float32)                            # 1.0: fewer than `rank` others below 1
     for which, values in kreciprocal.map_chunks(work, chunks):
-        found[which] = values
-    out[:] = found[rows]
-    return out
+        core[which] = values
+    return core[rows]
 
 
 def otsu_split(values: np.ndarray) -> float:
