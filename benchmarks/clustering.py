@@ -16,6 +16,10 @@ ours and the reference must be identical.
     python benchmarks/clustering.py                        # N = 12,936 (Market-sized), D = 2048
     python benchmarks/clustering.py --sizes 12936 32621    # also MSMT-sized (dense needs ~13 GB)
     python benchmarks/clustering.py --large                # N = 100,000, D = 512, ours only
+    python benchmarks/clustering.py --eps auto [--large]   # cluster.eps=auto against fixed eps
+
+With ``--eps auto`` the label-free radius (jaccard_dbscan_auto, docs/auto_eps.md) is timed
+against jaccard_dbscan at the eps it chose, which must give identical labels, within 1.1x.
 """
 from __future__ import annotations
 
@@ -113,9 +117,12 @@ def _child(method: str, path: str, args: dict, repeats: int, queue) -> None:
     import sklearn.cluster  # noqa: F401  (imports belong to the baseline)
     import torch  # noqa: F401
 
-    from isereid.clustering import exact_knn, jaccard_dbscan
+    from isereid.clustering import exact_knn, jaccard_dbscan, jaccard_dbscan_auto
 
     def run(x: np.ndarray):
+        if method == "auto":
+            labels, choice = jaccard_dbscan_auto(x, args["k1"], args["k2"], args["min_samples"])
+            return labels, choice.eps
         if method == "ours":
             return jaccard_dbscan(x, args["eps"], args["k1"], args["k2"], args["min_samples"])
         if method == "dense":
@@ -178,6 +185,25 @@ def run_size(n: int, dim: int, args: argparse.Namespace, tmp: str) -> None:
     os.remove(path)
 
 
+def run_auto(n: int, dim: int, args: argparse.Namespace, tmp: str) -> None:
+    """cluster.eps=auto against the fixed-eps path at the radius auto chose (same labels)."""
+    path = os.path.join(tmp, f"features_{n}x{dim}.npy")
+    np.save(path, make_features(n, dim, seed=args.seed))
+    params = dict(k1=args.k1, k2=args.k2, min_samples=args.min_samples)
+    repeats = 1 if n > 20000 else args.repeats
+    t_auto, m_auto, (auto, eps) = measure("auto", path, params, repeats)
+    t_fixed, m_fixed, fixed = measure("ours", path, dict(params, eps=eps), repeats)
+    print(f"\nN={n:,} D={dim} eps=auto -> {eps:.4f} k1={args.k1} k2={args.k2} min_samples={args.min_samples}")
+    print(f"{'method':<30}{'time (s)':>10}{'peak mem (GiB)':>16}{'clusters':>10}{'outliers':>10}")
+    for name, t, m, labels in (("jaccard_dbscan (fixed eps)", t_fixed, m_fixed, fixed),
+                               ("jaccard_dbscan_auto", t_auto, m_auto, auto)):
+        print(f"{name:<30}{t:>10.2f}{m / GIB:>16.3f}{labels.max() + 1:>10d}{int((labels < 0).sum()):>10d}")
+    same = bool(np.array_equal(auto, fixed))
+    print(f"labels identical to fixed eps: {same}  [{verdict(same)}]")
+    print(f"auto / fixed time: {t_auto / t_fixed:.2f}x  [{verdict(t_auto <= 1.1 * t_fixed)}: <= 1.1x]")
+    os.remove(path)
+
+
 def run_large(args: argparse.Namespace, tmp: str) -> None:
     n, dim = 100_000, 512
     path = os.path.join(tmp, f"features_{n}x{dim}.npy")
@@ -194,7 +220,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[12936])
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--eps", type=float, default=0.6)
+    parser.add_argument("--eps", type=lambda v: v if v == "auto" else float(v), default=0.6,
+                        help="DBSCAN radius, or 'auto' to time cluster.eps=auto against it")
     parser.add_argument("--k1", type=int, default=30)
     parser.add_argument("--k2", type=int, default=6)
     parser.add_argument("--min-samples", type=int, default=4)
@@ -205,7 +232,10 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="N=100,000 x D=512, ours only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.large:
+        if args.eps == "auto":
+            for n, dim in ([(100_000, 512)] if args.large else [(n, args.dim) for n in args.sizes]):
+                run_auto(n, dim, args, tmp)
+        elif args.large:
             run_large(args, tmp)
         else:
             for n in args.sizes:

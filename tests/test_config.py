@@ -164,3 +164,17 @@ def test_range_edges_are_accepted():
     cfg = load_config("demo", ["train.log_every=1", "eval.every=0", "model.bn_chunk=2", "model.last_stride=2",
                                "data.workers=0", "eval.rerank_lambda=0", "train.grad_clip=1.0"])
     assert cfg.model.bn_chunk == 2 and cfg.eval.every == 0
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("0.55", 0.55), ("1", 1.0)])
+def test_cluster_eps_is_a_number_or_auto(value, expected):
+    eps = load_config("cpu", [f"cluster.eps={value}"]).cluster.eps
+    assert eps == expected and type(eps) is type(expected)
+    assert load_config("cpu").cluster.eps == 0.5  # presets keep their hand-tuned radius
+
+
+@pytest.mark.parametrize("value", ["automatic", "0", "-0.3", ".inf", "true", "[0.5]"])
+def test_cluster_eps_rejects_anything_else_in_one_line(value):
+    with pytest.raises(ConfigError) as e:
+        load_config("cpu", [f"cluster.eps={value}"])
+    assert "cluster.eps" in str(e.value) and "'auto'" in str(e.value) and "\n" not in str(e.value)

@@ -18,6 +18,7 @@ from isereid.clustering import cluster_report
 from isereid.config import load_config
 from isereid.data.datasets import ReidDataset, Sample, build_dataset
 from isereid.distributed import DistContext
+from isereid.engine.records import EpochRecord
 from isereid.engine.trainer import Trainer, jaccard_clusterer
 from isereid.errors import ConfigError
 
@@ -114,6 +115,35 @@ def test_clusterer_associates_after_dbscan():
     joined = jaccard_clusterer(cfg)(x, cams)
     np.testing.assert_array_equal(joined, associate_clusters(x, plain, cams, 0.3))
     np.testing.assert_array_equal(joined, pid.numpy())
+
+
+def test_auto_eps_goes_into_the_record_and_the_progress_line(tiny_demo, tmp_path, caplog):
+    trainer = _trainer(tiny_demo, tmp_path / "auto", "cluster.eps=auto", "cluster.k1=6", "cluster.k2=3")
+    record = trainer.update_pseudo_labels(0)
+    cluster = record["cluster"]
+    eps, scale = cluster["eps"], cluster["scale"]
+    assert 0 < eps < 1 and scale["eps"] == eps and 0 < scale["core_share"] <= 1
+    assert scale["statistic"] == "otsu split of core distances" and trainer.cfg.cluster.eps == "auto"
+    json.dumps(cluster)  # metrics.jsonl-ready
+    line = EpochRecord(epoch=1, loss=1.0, loss_cc=1.0, loss_lp=0.0, lr=0.1, seconds=1.0, interpolation_weight=0.0,
+                       **record)
+    with caplog.at_level(logging.INFO, logger="isereid"):
+        trainer._log_epoch(line)
+    assert f"eps {eps:.3f} (auto, {100 * scale['core_share']:.0f}% core)" in caplog.text
+
+
+def test_auto_clusterer_equals_fixed_at_the_chosen_eps():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=1)
+    x = torch.nn.functional.normalize(centres.repeat_interleave(12, 0) + 0.15 * torch.randn(96, 32, generator=g), dim=1)
+    cams = np.tile([0, 1], 48)
+    overrides = ["cluster.k1=8", "cluster.k2=3", "cluster.camera_norm=true"]
+    auto = jaccard_clusterer(load_config("demo", [*overrides, "cluster.eps=auto"]).cluster)
+    labels = auto(x, cams)
+    eps = auto.scale["eps"]
+    fixed = jaccard_clusterer(load_config("demo", [*overrides, f"cluster.eps={eps!r}"]).cluster)
+    np.testing.assert_array_equal(labels, fixed(x, cams))
+    assert fixed.scale == {"eps": eps} and labels.max() >= 1
 
 
 def test_supervised_uses_true_identities(tiny_demo, tmp_path):

@@ -13,6 +13,7 @@ that departs from the reference names its entry in docs/reference_quirks.md (Q1-
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -71,7 +72,9 @@ class ModelConfig:
 
 @dataclass
 class ClusterConfig:
-    eps: float = 0.4  # DBSCAN radius on the Jaccard distance (Market 0.4, MSMT 0.7)
+    # DBSCAN radius on the Jaccard distance (Market 0.4, MSMT 0.7), or "auto": chosen every epoch from
+    # the features' core distances, without labels (docs/auto_eps.md).
+    eps: Any = 0.4  # a number or "auto" (OmegaConf's Union[float, str] would reject an integer 1)
     min_samples: int = 4
     k1: int = 30
     k2: int = 6
@@ -267,6 +270,8 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
             raise _config_error(e, schema, "command-line overrides",
                                 [o.split("=", 1)[0].strip() for o in overrides]) from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if isinstance(cfg.cluster.eps, int) and not isinstance(cfg.cluster.eps, bool):
+        cfg.cluster.eps = float(cfg.cluster.eps)
     validate(cfg)
     return cfg
 
@@ -306,7 +311,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} must be >= 0, got {_get(cfg, key)}")
     if cfg.memory.camera_hard_negatives < 1:
         raise ConfigError(f"memory.camera_hard_negatives must be at least 1, got {cfg.memory.camera_hard_negatives}")
-    for key in ("memory.temperature", "ise.lp_temperature", "cluster.eps", "optim.lr", "memory.camera_temperature"):
+    eps = cfg.cluster.eps
+    if eps != "auto" and (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < math.inf):
+        raise ConfigError(f"config key 'cluster.eps' must be a positive number or 'auto', got {eps!r}")
+    for key in ("memory.temperature", "ise.lp_temperature", "optim.lr", "memory.camera_temperature"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {_get(cfg, key)}")
     if cfg.memory.camera_aware and cfg.data.num_instances < 2:

@@ -3,9 +3,11 @@
 The reference builds three dense N x N float32 matrices; this package keeps everything
 O(N * k) in memory and produces the same distances and the same DBSCAN partition.
 """
-from .dbscan import jaccard_dbscan
+from .dbscan import jaccard_dbscan, jaccard_dbscan_auto
 from .jaccard import jaccard_distance
 from .knn import exact_knn
 from .report import ClusteringReport, cluster_report
+from .scale import ScaleChoice, partition_warning
 
-__all__ = ["jaccard_distance", "jaccard_dbscan", "exact_knn", "cluster_report", "ClusteringReport"]
+__all__ = ["jaccard_distance", "jaccard_dbscan", "jaccard_dbscan_auto", "exact_knn", "cluster_report",
+           "ClusteringReport", "ScaleChoice", "partition_warning"]

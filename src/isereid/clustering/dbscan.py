@@ -20,16 +20,18 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import Tuple
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 from sklearn.exceptions import EfficiencyWarning
 
-from ..errors import InvalidArgument
+from ..errors import ClusteringError, InvalidArgument
 from ..utils import ArrayLike, counts_to_indptr
-from .jaccard import jaccard_upper, mirror
+from .jaccard import expanded_neighbourhoods, jaccard_upper, mirror, upper_from_weights
 from .knn import as_features, check_positive_int
+from .scale import ScaleChoice, choose_eps
 
 
 def jaccard_dbscan(features: ArrayLike, eps: float, k1: int = 30, k2: int = 6, min_samples: int = 4, *,
@@ -57,7 +59,34 @@ def jaccard_dbscan(features: ArrayLike, eps: float, k1: int = 30, k2: int = 6, m
     if bool(np.asarray([1.0], dtype=np.float32) <= eps):
         # Every dense distance is <= 1.0 <= eps: all points are mutual neighbours.
         return np.full(n, 0 if n >= min_samples else -1, dtype=np.int64)
-    graph = eps_graph(mirror(jaccard_upper(x, k1, k2, knn_backend=knn_backend, eps=eps)), eps)
+    return _dbscan(jaccard_upper(x, k1, k2, knn_backend=knn_backend, eps=eps), eps, min_samples)
+
+
+def jaccard_dbscan_auto(features: ArrayLike, k1: int = 30, k2: int = 6, min_samples: int = 4, *,
+                        knn_backend: str = "torch") -> Tuple[np.ndarray, ScaleChoice]:
+    """:func:`jaccard_dbscan` with eps chosen from the features, without labels (docs/auto_eps.md).
+
+    The kNN and V' are computed once; :func:`isereid.clustering.scale.choose_eps` reads the
+    core distances of a sample of rows from V', and the partition is then exactly
+    ``jaccard_dbscan(features, choice.eps, k1, k2, min_samples)``.
+
+    Returns:
+        labels (N,) int64 as :func:`jaccard_dbscan`, and the :class:`ScaleChoice` behind eps.
+    Raises ClusteringError (one line) when the features give no usable scale: all rows
+    identical, too few images for min_samples, no image with min_samples - 1 neighbours."""
+    min_samples = check_positive_int(min_samples, "min_samples")
+    x = as_features(features)
+    if bool((x == x[:1]).all()):
+        raise ClusteringError(f"all {x.shape[0]} feature rows are identical (a collapsed or constant model?): "
+                              "nothing to cluster")
+    v, _ = expanded_neighbourhoods(x, k1, k2, knn_backend=knn_backend)
+    choice = choose_eps(v, min_samples)
+    return _dbscan(upper_from_weights(v, choice.eps), choice.eps, min_samples), choice
+
+
+def _dbscan(upper: sp.csr_matrix, eps: float, min_samples: int) -> np.ndarray:
+    """sklearn's DBSCAN on the pairs within eps (upper triangle from ``jaccard_upper(..., eps=eps)``)."""
+    graph = eps_graph(mirror(upper), eps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EfficiencyWarning)
         labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -66,20 +66,34 @@ def jaccard_upper(features: ArrayLike, k1: int = 30, k2: int = 6, *, knn_backend
     comparison sklearn's DBSCAN makes; this is all DBSCAN needs, and most far pairs are
     then never summed. Their stored values are the distance or an upper bound of it, all
     <= eps (see :func:`_jaccard_upper_within`)."""
+    v, _ = expanded_neighbourhoods(features, k1, k2, knn_backend=knn_backend)
+    return upper_from_weights(v, eps)
+
+
+def expanded_neighbourhoods(features: ArrayLike, k1: int = 30, k2: int = 6, *,
+                            knn_backend: str = "torch") -> Tuple[sp.csr_matrix, np.ndarray]:
+    """Steps 1-2 of the module doc: V' (N, N) float32 CSR with sorted indices, and the
+    initial ranking R0 (N, min(k1, N)) int64 it was built from."""
     k1 = check_positive_int(k1, "k1")
     k2 = check_positive_int(k2, "k2")
     x = as_features(features)
-    n = x.shape[0]
     timer = time.perf_counter()
     knn_dist, ranking = exact_knn(x, k1, backend=knn_backend)
     t_knn = time.perf_counter()
     v = kreciprocal.expanded_weights(ranking, k1, k2,
                          lambda rows, cols: _softmax_weights(x, rows, cols, knn_dist, ranking))
-    t_v = time.perf_counter()
+    logger.debug("jaccard: N=%d knn %.2fs, sets+weights+QE %.2fs (V' nnz/row %.1f)", x.shape[0],
+                 t_knn - timer, time.perf_counter() - t_knn, v.nnz / x.shape[0])
+    return v, ranking
+
+
+def upper_from_weights(v: sp.csr_matrix, eps: Optional[float] = None) -> sp.csr_matrix:
+    """Step 3 of the module doc on V' from :func:`expanded_neighbourhoods`: the upper triangle
+    of all distances below 1, or with ``eps`` only the pairs within eps (see :func:`jaccard_upper`)."""
+    timer = time.perf_counter()
     upper = _jaccard_upper(v) if eps is None else _jaccard_upper_within(v, eps)
-    logger.debug("jaccard: N=%d knn %.2fs, sets+weights+QE %.2fs (V' nnz/row %.1f), jaccard %.2fs "
-                 "(stored upper nnz/row %.1f)", n, t_knn - timer, t_v - t_knn, v.nnz / n,
-                 time.perf_counter() - t_v, upper.nnz / n)
+    logger.debug("jaccard: min-sums %.2fs (stored upper nnz/row %.1f)", time.perf_counter() - timer,
+                 upper.nnz / max(1, v.shape[0]))
     return upper
 
 

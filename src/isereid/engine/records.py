@@ -30,7 +30,9 @@ class EpochRecord:
     rank1: Optional[float] = None
     rank5: Optional[float] = None
     rank10: Optional[float] = None
-    cluster: Optional[dict] = None  # ClusteringReport.to_dict() of the epoch's pseudo-labels
+    # ClusteringReport.to_dict() of the epoch's pseudo-labels, with "eps" (the radius used) and, under
+    # cluster.eps=auto, "scale" (ScaleChoice.to_dict(): the statistic behind it, docs/auto_eps.md)
+    cluster: Optional[dict] = None
     # Wall seconds of the epoch's phases: extract (training features for clustering), cluster,
     # train (the iterations, of which data_wait is time spent waiting for the loader), evaluate.
     phases: Optional[dict] = None

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..camera import CameraProxyMemory, associate_clusters, camera_normalize, mutual_share, nearest_other_camera
-from ..clustering import cluster_report, jaccard_dbscan
+from ..clustering import cluster_report, jaccard_dbscan, jaccard_dbscan_auto, partition_warning
 from ..config import ClusterConfig, Config, to_yaml
 from ..data.datasets import ReidDataset
 from ..data.images import ImageDataset, ResizedImageCache
@@ -68,8 +68,14 @@ def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
     def cluster(features: torch.Tensor, camids: np.ndarray) -> np.ndarray:
         if cfg.camera_norm:
             features = camera_normalize(features, torch.as_tensor(camids))
-        labels = jaccard_dbscan(features, eps=cfg.eps, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
-                                knn_backend=cfg.knn_backend)
+        if cfg.eps == "auto":  # docs/auto_eps.md; the choice goes into the epoch record
+            labels, choice = jaccard_dbscan_auto(features, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
+                                                 knn_backend=cfg.knn_backend)
+            cluster.scale = {"eps": choice.eps, "scale": choice.to_dict()}
+        else:
+            labels = jaccard_dbscan(features, eps=cfg.eps, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
+                                    knn_backend=cfg.knn_backend)
+            cluster.scale = {"eps": cfg.eps}
         if cfg.associate:
             labels = associate_clusters(features, labels, camids, cfg.associate_min_similarity)
         return labels
@@ -287,14 +293,19 @@ class Trainer:
         """Memories from ``labels`` (N,) of ``features`` (N, D); returns the epoch record's label parts."""
         cfg = self.cfg
         num_clusters = int(labels.max()) + 1 if len(labels) else 0
+        scale = {} if cfg.train.supervised else getattr(self.cluster_fn, "scale", {})
+        eps = f"{scale['eps']:.3g} (auto)" if cfg.cluster.eps == "auto" and "eps" in scale else cfg.cluster.eps
         if num_clusters < 2:
             merged = num_clusters == 1 and 2 * int((labels >= 0).sum()) >= len(labels)  # one cluster holds most
             advice = ("lower cluster.eps: one cluster swallowed most images" if merged else
                       "raise cluster.eps (or lower cluster.min_samples), or train on more images")
             raise ClusteringError(
                 f"epoch {epoch + 1}: DBSCAN found {num_clusters} cluster(s) among {len(labels)} images "
-                f"({int((labels < 0).sum())} outliers) with cluster.eps={cfg.cluster.eps}; {advice}"
+                f"({int((labels < 0).sum())} outliers) with cluster.eps={eps}; {advice}"
             )
+        degenerate = None if cfg.train.supervised else partition_warning(labels)
+        if degenerate and self.ctx.is_main:
+            log.warning("epoch %d: %s (cluster.eps=%s)", epoch + 1, degenerate, eps)
         keep = labels >= 0
         self.memory = ClusterMemory.from_features(
             features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
@@ -312,7 +323,7 @@ class Trainer:
             if self.true_pids is not None:
                 report.cross_camera_nn_accuracy = round(float((self.true_pids[neighbour] == self.true_pids).mean()), 6)
         self._warn_camera_pure(epoch, report)
-        return {"cluster": report.to_dict(), **self._label_counts()}
+        return {"cluster": {**report.to_dict(), **scale}, **self._label_counts()}
 
     def _warn_camera_pure(self, epoch: int, report) -> None:
         """Clusters that each hold one camera's images teach within-camera matching, not re-ID."""
@@ -464,6 +475,10 @@ class Trainer:
         if record.evaluated:
             parts.append(f"mAP {100 * record.mAP:.1f}%  rank-1 {100 * record.rank1:.1f}%")
         cluster = record.cluster or {}
+        if isinstance(cluster.get("eps"), (int, float)):
+            scale = cluster.get("scale") or {}
+            core = f", {100 * scale['core_share']:.0f}% core" if "core_share" in scale else ""
+            parts.append(f"eps {cluster['eps']:.3f}" + (f" (auto{core})" if scale else ""))
         cross = cluster.get("cross_camera_clusters")
         if cross is not None:
             parts.append(f"cross-camera clusters {100 * cross:.0f}%")
