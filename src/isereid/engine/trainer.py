@@ -254,6 +254,8 @@ class Trainer:
                 features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
                 torch.as_tensor(self.camids[keep], device=self.device), **self._camera_kwargs())
         self.pseudo_labels = labels
+        if self.ctx.is_main:  # labels/epoch_NNN.npz, what `isereid serve` shows
+            self.run_folder.write_labels(epoch + 1, labels, paths, self.camids, features)
         report = cluster_report(labels, self.true_pids, self.camids)
         self._warn_camera_pure(epoch, report)
         return {"cluster": report.to_dict(), **self._label_counts()}
