@@ -320,11 +320,20 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve.app import serve
+    from .serve.app import listen
     from .serve.state import RunView
 
-    view = RunView(args.run_dir, args.index, max_upload_bytes=args.max_upload_mb << 20)
-    serve(view, args.host, args.port, token=args.token, say=lambda line: print(line, flush=True))
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    server = listen(args.host, args.port, token=args.token, say=say)
+    try:
+        view = RunView(args.run_dir, args.index, max_upload_bytes=args.max_upload_mb << 20)
+    except BaseException:
+        server.sock.close()
+        raise
+    say(f"isereid serve: {server.url}  (search: {view.gallery_source}; Ctrl+C to stop)")
+    server.run(view)
     return 0
 
 

@@ -134,7 +134,7 @@ class GalleryIndex:
         if n == 0:
             return SearchResult(out_idx, out_scores)
         pending = np.arange(nq)
-        k = min(n, topk + (rows >= 0).any())
+        k = int(min(n, topk + int((rows >= 0).any())))
         while len(pending):
             scores, indices = self._scores_topk(q[pending], k)
             unfinished = []
@@ -150,7 +150,7 @@ class GalleryIndex:
                 out_idx[qi, :len(idx)] = idx
                 out_scores[qi, :len(idx)] = sc
             pending = np.array(unfinished, dtype=np.int64)
-            k = min(n, 4 * k)
+            k = int(min(n, 4 * k))
         return SearchResult(out_idx, out_scores)
 
     # ------------------------------------------------------------------ files

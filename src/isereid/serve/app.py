@@ -169,22 +169,40 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(view: RunView, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
-          say: Callable[[str], None] = print) -> None:
-    """Serve ``view`` until interrupted. Any host that is not loopback gets an access token (``token``
-    or a generated one). Prints the URL (with the actual port) before serving."""
-    _require_fastapi()
-    import uvicorn
+class Server:
+    """A bound, not yet running server: :attr:`url` is known (the actual port for port 0) before
+    :meth:`run` blocks; :meth:`stop` ends it from another thread."""
 
+    def __init__(self, sock: socket.socket, host: str, token: Optional[str]):
+        self.sock, self.host, self.token = sock, host, token
+        self.port = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}/" + (f"?token={token}" if token else "")
+        self._server = None
+
+    def run(self, view: RunView) -> None:
+        import uvicorn
+
+        app = create_app(view, self.token)
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        try:
+            self._server.run(sockets=[self.sock])
+        finally:
+            self.sock.close()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+
+
+def listen(host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
+           say: Callable[[str], None] = print) -> Server:
+    """Bind ``host:port`` first (a port in use fails at once, before the run is loaded). Any host
+    that is not loopback gets an access token (``token`` or a generated one) and a warning line."""
+    _require_fastapi()
     if not is_loopback(host) and token is None:
         token = secrets.token_urlsafe(18)
-    app = create_app(view, token)
-    sock = bind(host, port)
-    actual = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{actual}/" + (f"?token={token}" if token else "")
+    server = Server(bind(host, port), host, token)
     if not is_loopback(host):
         say(f"warning: listening on {host}: the crops become visible to that network (access token required)")
-    say(f"isereid serve: {url}  (search: {view.gallery_source}; Ctrl+C to stop)")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    return server
