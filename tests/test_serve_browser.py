@@ -82,7 +82,8 @@ def test_run_and_cluster_views(server, page):
 
 def test_upload_gives_the_api_rank_list(server, page, tmp_path):
     srv, view = server
-    page.goto(srv.url + "#view=search")
+    page.goto(srv.url)
+    page.click("button[data-view=search]")
     page.wait_for_selector("[data-testid=query-upload]")
     query = Path(view.paths[5])
     page.set_input_files("[data-testid=query-upload]", str(query))

@@ -200,8 +200,9 @@ async function start() {
   $("threshold-reset").title = summary.threshold === null ? "no suggestion recorded; 0.5"
     : `suggested from the distances inside and between the clusters of epoch ${summary.threshold_epoch}`;
   setThreshold(suggested);
-  const view = new URLSearchParams(location.hash.slice(1)).get("view");
-  if (view) show(view);
+  const fromHash = () => { const view = new URLSearchParams(location.hash.slice(1)).get("view"); if (view) show(view); };
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
   await loadClusters();
 }
 
