@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from serve_fixtures import shared_run
 
 CHROMIUM = os.environ.get("ISEREID_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -56,6 +57,7 @@ def page(server):
 def _shot(page, name):
     folder = os.environ.get("ISEREID_SCREENSHOT_DIR")
     if folder:
+        page.wait_for_load_state("networkidle")  # the lazily loaded crops
         page.screenshot(path=str(Path(folder) / name))
 
 
