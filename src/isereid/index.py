@@ -172,17 +172,9 @@ class GalleryIndex:
 def load_index(path: str | os.PathLike, backend: str = "auto") -> GalleryIndex:
     """The :class:`GalleryIndex` saved at ``path``; DatasetError (one line) when it is missing or not
     an index written by :meth:`GalleryIndex.save`."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read index {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise DatasetError(f"{path} is not an isereid index (a single array, not an .npz)")
-    with data:
-        missing = [k for k in INDEX_KEYS if k not in data.files]
-        if missing:
-            raise DatasetError(f"{path} is not an isereid index: no {', '.join(missing)}")
-        arrays = {k: data[k] for k in INDEX_KEYS}
+    from .features import read_npz
+
+    arrays = read_npz(path, INDEX_KEYS, "isereid index")
     try:
         meta = json.loads(str(arrays.pop("meta")))
     except json.JSONDecodeError:
