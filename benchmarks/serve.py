@@ -60,7 +60,7 @@ def make_fixture(folder: Path, run_images: int, gallery_size: int, dim: int, see
     from isereid.models import build_model
 
     demo = folder / "demo"
-    generate_demo_data(demo, identities=40, cameras=6, seed=seed)
+    generate_demo_data(demo, identities=12, cameras=6, seed=seed)  # crops to show, not to learn from
     crops = sorted(str(p.resolve()) for p in (demo / "bounding_box_train").glob("*.jpg"))
     rng = np.random.default_rng(seed)
     run = folder / "run"
