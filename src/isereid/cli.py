@@ -258,6 +258,7 @@ def _model_and_input_size(args: argparse.Namespace):
     from .models import load_model_and_meta
 
     model, meta = load_model_and_meta(args.checkpoint, map_location="cpu")
+    args.arch_name = meta.model_config.arch  # recorded in exported files
     if getattr(args, "config", None):
         cfg = load_config(args.config)
         size = (cfg.data.height, cfg.data.width)
@@ -312,6 +313,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     missing = [q for q in args.query if not Path(q).is_file()]
     if missing:
         raise DatasetError(f"query image not found: {missing[0]}")
+    if args.index:
+        return _search_index(args)
     model, height, width = _model_and_input_size(args)
     device = resolve_device(args.device)
     gallery = images_in_folder(args.gallery)
@@ -337,11 +340,81 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_index(args: argparse.Namespace) -> int:
+    """``isereid search --index``: queries embedded with the index's checkpoint and preprocessing."""
+    from .data.datasets import parse_image_name
+    from .embedding import embed
+    from .errors import DatasetError
+    from .index import file_sha256, load_index
+    from .visualize import RankRow, draw_rank_rows
+
+    index = load_index(args.index)
+    if not Path(args.checkpoint).is_file():
+        raise DatasetError(f"checkpoint not found: {args.checkpoint}")
+    if file_sha256(args.checkpoint) != index.meta.get("checkpoint_sha256"):
+        raise DatasetError(f"{args.index} was built with {index.meta.get('checkpoint')}, not {args.checkpoint}")
+    queries = embed(args.checkpoint, list(args.query), height=args.height or index.meta["height"],
+                    width=args.width or index.meta["width"])
+    found = index.search(queries, args.topk)
+    rows = []
+    for query, rows_i, scores in zip(args.query, found.indices, found.scores):
+        keep = rows_i >= 0
+        parsed = parse_image_name(Path(query).name)
+        pids = index.pids[rows_i[keep]]
+        matches = None if parsed is None or (pids < 0).all() else list(pids == parsed[0])
+        rows.append(RankRow(query, index.paths[rows_i[keep]].tolist(), (1 - scores[keep]).tolist(), matches))
+        log.info("%s: %s", query, ", ".join(f"{Path(p).name} ({1 - s:.3f})"
+                                            for p, s in zip(index.paths[rows_i[keep]], scores[keep])))
+    draw_rank_rows(rows, args.output)
+    log.info("wrote %s (distances are 1 - cosine similarity)", args.output)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """``isereid index build`` / ``isereid index add``."""
+    from .index import add_to_index, build_index, load_index
+    from .utils import resolve_device
+
+    device = resolve_device(args.device)
+    if args.index_command == "build":
+        index = build_index(args.checkpoint, args.gallery, batch_size=args.batch_size, workers=args.workers,
+                            device=device, height=args.height, width=args.width)
+        index.save(args.output)
+        log.info("wrote %s: %d images x %d features (%s %dx%d)", args.output, len(index), index.dim,
+                 index.meta["arch"], index.meta["height"], index.meta["width"])
+        return 0
+    index, added = add_to_index(load_index(args.index), args.gallery, batch_size=args.batch_size,
+                                workers=args.workers, device=device)
+    if added:
+        index.save(args.index)
+    log.info("%s: %d new images added, %d in all", args.index, added, len(index))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import listen
+    from .serve.state import RunView
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    server = listen(args.host, args.port, token=args.token, say=say)
+    try:
+        view = RunView(args.run_dir, args.index, max_upload_bytes=args.max_upload_mb << 20)
+    except BaseException:
+        server.sock.close()
+        raise
+    say(f"isereid serve: {server.url}  (search: {view.gallery_source}; Ctrl+C to stop)")
+    server.run(view)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
     model, height, width = _model_and_input_size(args)
-    report = export_onnx(model, args.output, height, width, opset=args.opset, tolerance=args.tolerance)
+    report = export_onnx(model, args.output, height, width, opset=args.opset, tolerance=args.tolerance,
+                         arch=args.arch_name)
     log.info("wrote %s (input 3x%dx%d, dynamic batch); onnxruntime vs PyTorch max abs difference %.2e "
              "(tolerance %.0e, batch sizes %s)", report.path, height, width, report.max_abs_diff,
              report.tolerance, ", ".join(map(str, report.batch_sizes)), extra=RESULT)
@@ -375,6 +448,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": cmd_export,
     "plot": cmd_plot,
     "weights": cmd_weights,
+    "index": cmd_index,
+    "serve": cmd_serve,
 }
 
 
@@ -458,7 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", parents=[common], help="rank a gallery folder for query images; draw the rank list")
     p.add_argument("--checkpoint", required=True, help="model file (.pt or .pth.tar)")
     p.add_argument("--query", required=True, nargs="+", metavar="IMG", help="one or more query images")
-    p.add_argument("--gallery", required=True, metavar="DIR", help="folder of gallery images (searched recursively)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gallery", metavar="DIR", help="folder of gallery images (searched recursively), "
+                                                        "extracted on every call")
+    where.add_argument("--index", metavar="IDX", help="gallery index from `isereid index build` (extracted once)")
     p.add_argument("--topk", type=int, default=10, help="gallery images shown per query")
     p.add_argument("--output", default="ranks.png", metavar="FILE", help="rank-list picture to write")
     p.add_argument("--config", help="preset or YAML giving the input size")
@@ -487,7 +565,41 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("src", metavar="SRC", help="weights file to convert")
     w.add_argument("--arch", required=True, help="model.arch the weights are for, e.g. mobilenet_v2")
     w.add_argument("--output", required=True, metavar="FILE", help="state dict to write (.pt)")
+    _index_and_serve_parsers(sub, common)
     return parser
+
+
+def _index_and_serve_parsers(sub, common: argparse.ArgumentParser) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("index", parents=[common], help="a persistent gallery index: extract once, search often")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    b = isub.add_parser("build", parents=[common], formatter_class=fmt,
+                        help="extract the features of gallery folders into a new index file")
+    b.add_argument("--checkpoint", required=True, help="model to extract with (its input size is recorded)")
+    b.add_argument("--gallery", required=True, action="append", metavar="DIR",
+                   help="image folder (searched recursively); repeat for several")
+    b.add_argument("--output", required=True, metavar="IDX", help="index file to write (.npz)")
+    _runtime_args(b)
+    a = isub.add_parser("add", parents=[common], formatter_class=fmt,
+                        help="append the images of folders that the index does not hold yet")
+    a.add_argument("index", metavar="IDX", help="index file to extend (rewritten atomically)")
+    a.add_argument("--gallery", required=True, action="append", metavar="DIR",
+                   help="image folder (searched recursively); repeat for several")
+    for option, kind, default, text in (("--batch-size", int, 128, "images per forward pass"),
+                                         ("--workers", int, 2, "image-loading processes"),
+                                         ("--device", str, "auto", "cpu, cuda, cuda:1 or auto")):
+        a.add_argument(option, type=kind, default=default, help=text)
+
+    p = sub.add_parser("serve", parents=[common], formatter_class=fmt,
+                       help="browse a run's pseudo-identities and search a gallery in a web browser")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training run folder (checkpoint and labels/)")
+    p.add_argument("--index", metavar="IDX", default=None,
+                   help="gallery index to search (default: the run's test gallery, extracted at start)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback requires an access token")
+    p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one")
+    p.add_argument("--token", default=None, help="access token; generated and printed when --host is not loopback")
+    p.add_argument("--max-upload-mb", type=int, default=8, help="largest query upload in MB")
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:

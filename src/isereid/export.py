@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import IsereidError
 from .utils import atomic_path
 
@@ -29,11 +31,24 @@ def _require(module: str):
         raise IsereidError(f"ONNX export needs the {module} package: pip install 'isereid[export]'") from None
 
 
+def onnx_metadata(height: int, width: int, feature_dim: int, arch: str | None = None) -> dict[str, str]:
+    """The metadata an exported file carries (all values strings, as ONNX stores them)."""
+    return {"height": str(int(height)), "width": str(int(width)), "mean": json.dumps(list(IMAGENET_MEAN)),
+            "std": json.dumps(list(IMAGENET_STD)), "feature_dim": str(int(feature_dim)), "arch": arch or "unknown",
+            "input": "images: float32 (batch, 3, height, width), RGB scaled to [0, 1], minus mean, over std",
+            "output": "features: float32 (batch, feature_dim), L2-normalised; cosine similarity = dot product"}
+
+
 def export_onnx(model: nn.Module, output: str | Path, height: int, width: int, opset: int = 17,
-                tolerance: float = 1e-4, check_batch_sizes: tuple[int, ...] = (1, 3)) -> ExportReport:
+                tolerance: float = 1e-4, check_batch_sizes: tuple[int, ...] = (1, 3),
+                arch: str | None = None) -> ExportReport:
     """Export ``model`` (images (B, 3, H, W) -> features (B, D)) with a dynamic batch axis, run
     ``onnx.checker``, then compare onnxruntime with PyTorch on random inputs of several batch
-    sizes; raises :class:`IsereidError` when the max abs difference exceeds ``tolerance``."""
+    sizes; raises :class:`IsereidError` when the max abs difference exceeds ``tolerance``.
+
+    The model's metadata (``metadata_props``, strings) records what a consumer needs to feed it:
+    ``height``, ``width``, ``mean``, ``std`` (JSON lists, RGB, for [0, 1] pixels), ``feature_dim``,
+    ``arch``, plus ``input`` / ``output`` descriptions (:func:`onnx_metadata`)."""
     onnx = _require("onnx")
     ort = _require("onnxruntime")
     output = Path(output)
@@ -50,6 +65,12 @@ def export_onnx(model: nn.Module, output: str | Path, height: int, width: int, o
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), str(tmp), **kwargs)
+        with torch.no_grad():
+            dim = int(model(example).shape[1])
+        proto = onnx.load(str(tmp))
+        for key, value in onnx_metadata(height, width, dim, arch).items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         worst = 0.0

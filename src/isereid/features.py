@@ -102,14 +102,20 @@ def save_features(path: str | os.PathLike, features: torch.Tensor | np.ndarray, 
 def load_features(path: str | os.PathLike) -> FeatureFile:
     """The :class:`FeatureFile` written by :func:`save_features`; DatasetError naming ``path`` when the
     file is missing, not an ``.npz`` or lacks one of the arrays."""
+    return FeatureFile(**read_npz(path, FEATURE_FILE_KEYS, "features file"))
+
+
+def read_npz(path: str | os.PathLike, keys: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the ``.npz`` at ``path`` (no pickles); DatasetError naming ``path`` and
+    ``what`` it should be when the file is missing, not an ``.npz`` or lacks one of them."""
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read features file {path}: {str(e).splitlines()[0]}") from None
+        raise DatasetError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise DatasetError(f"{path} is not a features file: a single array, not an .npz")
+        raise DatasetError(f"{path} is not a {what}: a single array, not an .npz")
     with data:
-        missing = [k for k in FEATURE_FILE_KEYS if k not in data.files]
+        missing = [k for k in keys if k not in data.files]
         if missing:
-            raise DatasetError(f"{path} is not a features file: no {', '.join(missing)}")
-        return FeatureFile(**{k: data[k] for k in FEATURE_FILE_KEYS})
+            raise DatasetError(f"{path} is not a {what}: no {', '.join(missing)}")
+        return {k: data[k] for k in keys}

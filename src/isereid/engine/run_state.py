@@ -4,6 +4,11 @@
                          pseudo-labels, best score, RNG states, the epoch records, the config)
     metrics.jsonl        one EpochRecord a line, rewritten from the checkpoint's records on resume
     model_best.pt        the model of the epoch with the best mAP (the latest one without a test split)
+    labels/images.npz    the training images in pseudo-label order: paths (absolute), camids (int32)
+    labels/epoch_NNN.npz the pseudo-labels of epoch NNN (1-based): labels (int32, -1 = outlier), and
+                         inside/between, sampled distances to the nearest image of the same / another
+                         cluster (index.cluster_distances), from which `isereid serve` suggests a
+                         "no match" threshold; written when the epoch clusters, before it trains
 
 Every file is written atomically, in that order, so a kill at any moment leaves complete files;
 what a kill between two writes leaves behind (a metrics line too many or too few, a stale best
@@ -20,13 +25,16 @@ import torch
 
 from ..config import Config, to_dict
 from ..errors import CheckpointError
-from ..utils import atomic_write_text
+from ..index import cluster_distances
+from ..utils import atomic_path, atomic_write_text
 from . import checkpoint as ckpt
 from .records import EpochRecord
 
 # Config sections that must match for a run folder to be resumed.
 RESUME_MUST_MATCH = ("model", "data", "cluster", "memory", "ise", "optim")
 METRICS = "metrics.jsonl"
+LABELS = "labels"
+LABEL_IMAGES = "images.npz"
 
 
 class RunFolder:
@@ -74,13 +82,35 @@ class RunFolder:
         if is_best:
             ckpt.save(self.best, ckpt.model_payload(state, model_config, epoch, score, size))
 
+    def write_labels(self, epoch: int, labels: np.ndarray, paths: Sequence[str], camids: np.ndarray,
+                     features=None) -> Path:
+        """Record the pseudo-labels (N,) of 1-based ``epoch`` for the training images ``paths`` (N)
+        with cameras ``camids`` (N) in ``labels/`` (features (N, D), when given, yield the
+        inside/between distance samples). The image list is written once (again when it changed).
+        Returns the epoch's file."""
+        folder = self.path / LABELS
+        labels = np.asarray(labels)
+        if not (len(labels) == len(paths) == len(camids)):
+            raise ValueError(f"{len(labels)} labels, {len(paths)} paths and {len(camids)} camids")
+        abs_paths = np.array([str(Path(p).resolve()) for p in paths])
+        images = folder / LABEL_IMAGES
+        if not images.exists() or not _same_paths(images, abs_paths):
+            with atomic_path(images, suffix=".tmp.npz") as tmp:
+                np.savez(tmp, paths=abs_paths, camids=np.asarray(camids, dtype=np.int32))
+        inside, between = (cluster_distances(features, labels) if features is not None
+                           else (np.zeros(0, np.float32), np.zeros(0, np.float32)))
+        path = folder / f"epoch_{int(epoch):03d}.npz"
+        with atomic_path(path, suffix=".tmp.npz") as tmp:
+            np.savez(tmp, labels=labels.astype(np.int32), inside=inside, between=between)
+        return path
+
     def write_metrics(self, history: Sequence[EpochRecord]) -> None:
         atomic_write_text(self.path / METRICS, "".join(r.to_json() + "\n" for r in history))
 
     def remove_stale_temp_files(self) -> None:
         """``.*.tmp`` files are what a kill during an atomic write leaves."""
         if self.path.is_dir():
-            for stale in self.path.glob(".*.tmp"):
+            for stale in [*self.path.glob(".*.tmp"), *self.path.glob(f"{LABELS}/.*.tmp.npz")]:
                 stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading
@@ -139,3 +169,11 @@ class RunFolder:
         if current_epoch != best_epoch:
             ckpt.save(self.best, ckpt.model_payload(state["state_dict"], state["model_config"], state["epoch"],
                                                     state.get("mAP"), state.get("input_size")))
+
+
+def _same_paths(images: Path, paths: np.ndarray) -> bool:
+    try:
+        with np.load(images, allow_pickle=False) as data:
+            return np.array_equal(data["paths"], paths)
+    except (OSError, ValueError, KeyError):
+        return False

@@ -316,6 +316,8 @@ class Trainer:
                 features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
                 torch.as_tensor(self.camids[keep], device=self.device), **self._camera_kwargs())
         self.pseudo_labels = labels
+        if self.ctx.is_main:  # labels/epoch_NNN.npz, what `isereid serve` shows
+            self.run_folder.write_labels(epoch + 1, labels, [s.path for s in self.train_samples], self.camids, features)
         report = cluster_report(labels, self.true_pids, self.camids)
         if self.ctx.is_main and self.multi_camera:
             neighbour = nearest_other_camera(features, self.camids)
