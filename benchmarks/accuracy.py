@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from isereid.utils import atomic_write_text
+
 # Plain ISE: every camera switch off, whatever the preset turns on.
 _PLAIN = ["memory.camera_aware=false", "cluster.camera_norm=false", "cluster.associate=false", "ise.foreign=any",
           "memory.cluster_weight=1.0"]
@@ -186,9 +188,7 @@ def main(argv=None) -> int:
         payload = {"rows": rows, "table": text, "config": args.config, "data_root": args.data_root,
                    "overrides": args.overrides, "seeds": args.seeds,
                    "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "cpus": os.cpu_count()}
-        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        tmp.replace(args.output)
+        atomic_write_text(args.output, json.dumps(payload, indent=2) + "\n")
     return 0
 
 

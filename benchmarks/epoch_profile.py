@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from isereid.distributed import DistContext
     from isereid.engine.trainer import Trainer
     from isereid.errors import IsereidError
-    from isereid.utils import resolve_device, seed_everything
+    from isereid.utils import atomic_write_text, resolve_device, seed_everything
 
     try:
         cfg = load_config(args.config, [*args.overrides, f"data.root={args.data_root}", "optim.epochs=1",
@@ -94,9 +94,7 @@ def main(argv=None) -> int:
         print(f"{name:>10}: {seconds:8.1f} s")
     print(f"bare step: {bare:.3f} s x {iters} iterations = {bare * iters:.1f} s; "
           f"train / bare = {payload['train_ratio']:.2f}")
-    tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(args.output)
+    atomic_write_text(args.output, json.dumps(payload, indent=2) + "\n")
     return 0
 
 
