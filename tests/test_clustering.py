@@ -405,7 +405,8 @@ def test_cluster_report_hand_computed():
     assert report.ari == pytest.approx(adjusted_rand_score(truth, singleton))
     d = json.loads(json.dumps(report.to_dict()))
     assert set(d) == {"num_clusters", "num_outliers", "histogram", "nmi", "ari", "purity",
-                      "cross_camera_clusters", "cross_camera_images"}
+                      "cross_camera_clusters", "cross_camera_images", "mutual_cross_camera",
+                      "cross_camera_nn_accuracy"}
     assert d["nmi"] == pytest.approx(report.nmi)
     assert d["cross_camera_clusters"] is None and d["cross_camera_images"] is None  # no cameras given
 
@@ -414,7 +415,7 @@ def test_cluster_report_without_truth():
     d = cluster_report(np.array([0, 1, 1, -1, -1])).to_dict()
     assert d == {"num_clusters": 2, "num_outliers": 2, "histogram": {"1": 1, "2-3": 1},
                  "nmi": None, "ari": None, "purity": None, "cross_camera_clusters": None,
-                 "cross_camera_images": None}
+                 "cross_camera_images": None, "mutual_cross_camera": None, "cross_camera_nn_accuracy": None}
 
 
 def _camera_spread_oracle(labels, cameras):
