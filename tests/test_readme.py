@@ -53,7 +53,6 @@ def isereid_commands(tag_filter=lambda tag: not tag.startswith("skip")):
 def test_the_readme_has_the_tagged_blocks():
     tags = [tag for tag, _, _ in code_blocks(README.read_text())]
     assert "quickstart" in tags and "own-crops" in tags
-    assert any(tag.startswith("skip") for tag in tags)  # the serve commands, until the serve branch is merged
     assert "<!-- results-table -->" in README.read_text()
 
 
@@ -66,7 +65,7 @@ def test_every_isereid_command_in_the_readme_parses():
         except SystemExit as e:  # argparse's usage error
             pytest.fail(f"README command does not parse (exit {e.code}): isereid {' '.join(argv)}")
         seen.add(argv[0])
-    assert {"demo-data", "train", "test", "search", "extract", "export", "plot", "weights"} <= seen
+    assert {"demo-data", "train", "test", "search", "extract", "export", "plot", "weights", "index", "serve"} <= seen
 
 
 def test_quickstart_install_and_test_commands_are_the_ci_ones():
