@@ -268,7 +268,7 @@ class Trainer:
                 else:
                     labels = self.cluster_fn(features, self.camids)
             labels = np.asarray(self.ctx.broadcast_object(labels), dtype=np.int64)
-        return self._install_labels(epoch, features, labels)
+        return self._install_labels(epoch, features, labels, paths)
 
     def _extract_train(self, paths: list[str], epoch: int) -> torch.Tensor:
         cfg = self.cfg
@@ -289,8 +289,9 @@ class Trainer:
                 [s.path for s in self.train_samples])
         return self.image_cache
 
-    def _install_labels(self, epoch: int, features: torch.Tensor, labels: np.ndarray) -> dict:
-        """Memories from ``labels`` (N,) of ``features`` (N, D); returns the epoch record's label parts."""
+    def _install_labels(self, epoch: int, features: torch.Tensor, labels: np.ndarray, paths: list[str]) -> dict:
+        """Memories from ``labels`` (N,) of ``features`` (N, D) of the training images ``paths`` (N);
+        returns the epoch record's label parts."""
         cfg = self.cfg
         num_clusters = int(labels.max()) + 1 if len(labels) else 0
         scale = {} if cfg.train.supervised else getattr(self.cluster_fn, "scale", {})
@@ -317,7 +318,7 @@ class Trainer:
                 torch.as_tensor(self.camids[keep], device=self.device), **self._camera_kwargs())
         self.pseudo_labels = labels
         if self.ctx.is_main:  # labels/epoch_NNN.npz, what `isereid serve` shows
-            self.run_folder.write_labels(epoch + 1, labels, [s.path for s in self.train_samples], self.camids, features)
+            self.run_folder.write_labels(epoch + 1, labels, paths, self.camids, features)
         report = cluster_report(labels, self.true_pids, self.camids)
         if self.ctx.is_main and self.multi_camera:
             neighbour = nearest_other_camera(features, self.camids)
