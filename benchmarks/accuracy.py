@@ -50,6 +50,9 @@ VARIANTS = {
     "camera_aware": [*_PLAIN, *_CAMERA],
     "camera_associate": [*_PLAIN, *_CAMERA, "cluster.associate=true"],
     "supervised": ["train.supervised=true"],
+    # O2CAP's online association on top of the shipped preset, beside or instead of the label merge.
+    "preset_online": ["memory.camera_online=1"],
+    "preset_online_nomerge": ["memory.camera_online=1", "cluster.associate=false"],
 }
 
 

@@ -248,6 +248,74 @@ def test_inter_loss_and_gradient_match_loop(labels_n, cams_n, dim, batch, temp, 
     assert g_ours.abs().sum() > 0
 
 
+def online_oracle(mem, rows, labels, hard_negatives, online, weight):
+    """Loop version of the inter-camera loss with O2CAP's online positives (docstring of inter_loss)."""
+    cameras = sorted({int(c) for c in mem.proxy_cams})
+    count = min(online, len(cameras) - 1)
+    total = 0.0
+    for i in range(rows.shape[0]):
+        q = rows[i] / rows[i].norm()
+        s = [q @ mem.proxies[p] for p in range(mem.num_proxies)]
+        y = int(labels[i])
+        pos = [p for p in range(mem.num_proxies) if int(mem.proxy_labels[p]) == y]
+        own_cams = {int(mem.proxy_cams[p]) for p in pos}
+        others = [p for p in range(mem.num_proxies) if int(mem.proxy_cams[p]) not in own_cams]
+        assoc = sorted(others, key=lambda p: -float(s[p].detach()))[:max(count, 0)]
+        rest = [p for p in range(mem.num_proxies) if p not in pos and p not in assoc]
+        neg = sorted(rest, key=lambda p: -float(s[p].detach()))[:hard_negatives]
+        log_den = torch.logsumexp(torch.stack([s[p] / mem.temperature for p in pos + assoc + neg]), 0)
+        terms = [s[p] / mem.temperature - log_den for p in pos] + [weight * (s[p] / mem.temperature - log_den)
+                                                                  for p in assoc]
+        total = total - sum(terms) / (len(pos) + weight * len(assoc))
+    return total / rows.shape[0]
+
+
+@pytest.mark.parametrize("labels_n,cams_n,dim,batch,temp,k", SIZES)
+@pytest.mark.parametrize("online,weight", [(1, 1.0), (2, 0.5), (5, 0.25)])
+def test_inter_loss_online_positives_match_loop(labels_n, cams_n, dim, batch, temp, k, online, weight):
+    mem, pairs = make_memory(3, labels_n, cams_n, dim, temperature=temp, hard_negatives=k)
+    rows, labels, cams = make_batch(pairs, batch, dim, 80)
+    base = rows.clone().requires_grad_()
+    ours, g_ours = loss_and_grad(lambda f: mem.inter_loss(f, labels, cams, online=online, online_weight=weight),
+                                 base)
+    ref, g_ref = loss_and_grad(lambda f: online_oracle(mem, f, labels, k, online, weight), base)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_online_positives_two_cameras_take_the_nearest_other_camera_proxy_only():
+    # labels 0, 1 in camera 0; labels 2, 3 in camera 1; label 4 in both. Row of label 0 is closest to
+    # proxy (3, cam 1), then (2, cam 1): with two cameras only the first becomes a positive even when
+    # three are asked for (O2CAP's default would turn the second into a positive too).
+    e = torch.eye(6, dtype=torch.float64)
+    proxies = torch.stack([e[0], e[1], e[2], 0.9 * e[0] + 0.1 * e[3], e[4], e[5]])
+    mem = CameraProxyMemory(proxies, torch.tensor([0, 1, 2, 3, 4, 4]), torch.tensor([0, 0, 1, 1, 0, 1]))
+    sims = F.normalize(torch.tensor([[1.0, 0, 0.5, 0, 0, 0]], dtype=torch.float64), dim=1) @ mem.proxies.t()
+    chosen = mem.online_positives(sims, torch.tensor([0]), 3)
+    assert chosen.tolist() == [[False, False, False, True, False, False]]
+    # a cluster seen by both cameras gains nothing; 0 asks for nothing
+    assert not mem.online_positives(sims, torch.tensor([4]), 3).any()
+    assert not mem.online_positives(sims, torch.tensor([0]), 0).any()
+
+
+def test_online_positives_one_camera_gain_nothing_and_leave_the_loss_unchanged():
+    mem, pairs = make_memory(5, labels=6, cams=1, dim=5, hard_negatives=3)
+    rows, labels, cams = make_batch(pairs, 8, 5, 81)
+    torch.testing.assert_close(mem.inter_loss(rows, labels, cams, online=2), mem.inter_loss(rows, labels, cams))
+
+
+def test_online_positive_lowers_the_loss_of_a_row_near_its_other_view():
+    # The row sits nearer a foreign-label proxy in cam 1 than its own proxy (cam 0): with that proxy a
+    # positive rather than a negative, the loss drops.
+    e = torch.eye(3, dtype=torch.float64)
+    mem = CameraProxyMemory(torch.stack([e[0], e[1], e[2]]), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]),
+                            temperature=0.1)
+    row = (e[0] + 2 * e[1]).unsqueeze(0)
+    off = mem.inter_loss(row, torch.tensor([0]), torch.tensor([0]))
+    on = mem.inter_loss(row, torch.tensor([0]), torch.tensor([0]), online=1)
+    assert float(on) < float(off) - 1.0
+
+
 def test_inter_loss_hard_negatives_matter():
     """With k smaller than the foreign proxies, the loss uses only the hardest ones."""
     mem, pairs = make_memory(4, labels=9, cams=3, dim=6, hard_negatives=2, temperature=0.2)

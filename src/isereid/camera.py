@@ -238,6 +238,7 @@ class CameraProxyMemory(nn.Module):
         self.register_buffer("proxy_labels", labels.clone())
         self.register_buffer("proxy_cams", cams.clone())
         self.register_buffer("index", index)
+        self.cameras_present = int(torch.unique(cams).numel())  # cameras with at least one proxy
 
     @classmethod
     def from_features(cls, features: torch.Tensor, labels, camids, **kwargs) -> "CameraProxyMemory":
@@ -313,27 +314,49 @@ class CameraProxyMemory(nn.Module):
         foreign = self.proxy_cams.unsqueeze(0) != cams.unsqueeze(1)  # (B, P)
         return F.cross_entropy(logits.masked_fill(foreign, float("-inf")), target)
 
-    def inter_loss(self, features: torch.Tensor, labels, camids) -> torch.Tensor:
+    def online_positives(self, sims: torch.Tensor, own: torch.Tensor, count: int) -> torch.Tensor:
+        """(B, P) bool: for each row, its ``count`` most similar proxies (by ``sims`` (B, P)) among
+        those whose camera the row's own cluster ``own`` (B,) has no proxy in (O2CAP's online
+        association). ``count`` is capped at the number of cameras minus one, so that on two cameras a
+        row gains at most the nearest proxy of the other camera, never a second, likely wrong one.
+        Rows whose cluster already spans every camera gain none.
+        """
+        count = min(int(count), self.cameras_present - 1)
+        chosen = torch.zeros_like(sims, dtype=torch.bool)
+        if count < 1:
+            return chosen
+        covered = self.index[own] >= 0  # (B, C): the row's cluster has a proxy in camera c
+        candidate = ~covered[:, self.proxy_cams]  # (B, P); excludes the row's own proxies
+        top = sims.masked_fill(~candidate, float("-inf")).topk(min(count, self.num_proxies), dim=1)
+        return chosen.scatter_(1, top.indices, torch.isfinite(top.values))
+
+    def inter_loss(self, features: torch.Tensor, labels, camids, online: int = 0,
+                   online_weight: float = 1.0) -> torch.Tensor:
         """Mean over rows of the inter-camera loss with hard negative proxies.
 
-        For row i: Pos_i = all proxies of label y_i (every camera), Neg_i = the ``hard_negatives``
-        proxies of other labels most similar to f_i (fewer if fewer exist), and
-        ``loss_i = -mean_{p in Pos_i} log(exp(s_ip/τ) / sum_{q in Pos_i ∪ Neg_i} exp(s_iq/τ))``.
-        Negatives are chosen on detached similarities.
+        For row i: Pos_i = all proxies of label y_i (every camera), On_i = its ``online`` associated
+        proxies (:meth:`online_positives`; none by default), Neg_i = the ``hard_negatives`` proxies of
+        other labels most similar to f_i (fewer if fewer exist) outside On_i, and with weights
+        w_p = 1 on Pos_i and ``online_weight`` on On_i,
+        ``loss_i = -sum_p w_p log(exp(s_ip/τ) / sum_{q in Pos_i ∪ On_i ∪ Neg_i} exp(s_iq/τ)) / sum_p w_p``.
+        Online positives and negatives are chosen on detached similarities.
         """
         q, target = self._rows(features, labels, camids)
         own = self.proxy_labels[target]  # (B,) == labels, validated
         sims = q @ self.proxies.t()  # (B, P) cosine similarities; no gradient reaches the buffers
         positive = self.proxy_labels.unsqueeze(0) == own.unsqueeze(1)  # (B, P)
         with torch.no_grad():
-            candidates = sims.detach().masked_fill(positive, float("-inf"))
+            associated = self.online_positives(sims.detach(), own, online)  # (B, P)
+            candidates = sims.detach().masked_fill(positive | associated, float("-inf"))
             k = min(self.hard_negatives, self.num_proxies)
             # Rows with fewer than k foreign proxies also pick positives (-inf); harmless, as the
             # denominator below runs over positives and negatives together.
             negative = torch.zeros_like(positive).scatter_(1, candidates.topk(k, dim=1).indices, True)  # (B, P)
+            weight = positive.to(sims.dtype) + float(online_weight) * associated.to(sims.dtype)  # (B, P)
         logits = sims / self.temperature
-        log_denominator = logits.masked_fill(~(positive | negative), float("-inf")).logsumexp(dim=1)  # (B,)
-        positive_mean = (logits * positive).sum(dim=1) / positive.sum(dim=1)  # (B,)
+        inside = positive | associated | negative
+        log_denominator = logits.masked_fill(~inside, float("-inf")).logsumexp(dim=1)  # (B,)
+        positive_mean = (logits * weight).sum(dim=1) / weight.sum(dim=1)  # (B,)
         return (log_denominator - positive_mean).mean()
 
     @torch.no_grad()

@@ -106,6 +106,12 @@ class MemoryConfig:
     camera_hard_negatives: int = 50
     camera_intra_weight: float = 1.0
     camera_inter_weight: float = 0.5
+    # O2CAP's online association (docs/camera_aware.md#online-association): in the inter-camera term,
+    # each row's N most similar proxies of cameras its cluster has none in count as positives, with
+    # weight camera_online_weight; N is capped at the cameras minus one. 0 = off. Unlike
+    # cluster.associate it never changes the labels, the supports or the sampler.
+    camera_online: int = 0
+    camera_online_weight: float = 1.0
 
 
 @dataclass
@@ -317,6 +323,8 @@ def validate(cfg: Config) -> None:
     for key in ("memory.temperature", "ise.lp_temperature", "optim.lr", "memory.camera_temperature"):
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {_get(cfg, key)}")
+    if cfg.memory.camera_online and not cfg.memory.camera_aware:
+        raise ConfigError("memory.camera_online needs memory.camera_aware=true (it acts on the camera proxies)")
     if cfg.memory.camera_aware and cfg.data.num_instances < 2:
         raise ConfigError("memory.camera_aware=true needs data.num_instances >= 2, so that a batch can hold one "
                           f"pseudo-identity's images from two cameras (got {cfg.data.num_instances})")
@@ -348,6 +356,8 @@ RANGES = {
     "optim.gamma": (0.0, None, "a number >= 0"),
     "ise.lambda_base": (0.0, None, "a number >= 0"),
     "ise.lp_weight": (0.0, None, "a number >= 0"),
+    "memory.camera_online": (0, None, "an integer >= 0 (0 = off)"),
+    "memory.camera_online_weight": (0.0, None, "a number >= 0"),
 }
 
 

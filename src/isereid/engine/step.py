@@ -93,7 +93,8 @@ def camera_losses(features: torch.Tensor, labels: torch.Tensor, camids: torch.Te
     Supports stay out: they interpolate between identities in the cluster memory and have no camera."""
     features = _fp32(features)
     intra = memory.intra_loss(features, labels, camids)
-    inter = memory.inter_loss(features, labels, camids)
+    inter = memory.inter_loss(features, labels, camids, online=memory_cfg.camera_online,
+                              online_weight=memory_cfg.camera_online_weight)
     total = memory_cfg.camera_intra_weight * intra + memory_cfg.camera_inter_weight * inter
     return CameraLosses(total, intra.detach(), inter.detach())
 
