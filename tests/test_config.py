@@ -178,3 +178,17 @@ def test_cluster_eps_rejects_anything_else_in_one_line(value):
     with pytest.raises(ConfigError) as e:
         load_config("cpu", [f"cluster.eps={value}"])
     assert "cluster.eps" in str(e.value) and "'auto'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_camera_online_needs_camera_aware_and_the_single_camera_hint_turns_both_off():
+    from isereid.engine.trainer import camera_switches_on
+
+    with pytest.raises(ConfigError, match="memory.camera_online needs memory.camera_aware=true"):
+        load_config("demo", ["memory.camera_online=1", "memory.camera_aware=false"])
+    with pytest.raises(ConfigError, match="memory.camera_online"):
+        load_config("demo", ["memory.camera_online=-1"])
+    cfg = load_config("demo", ["memory.camera_online=2"])
+    switches = camera_switches_on(cfg)
+    assert switches["memory.camera_online=2"] == "memory.camera_online=0"
+    off = load_config("demo", ["memory.camera_online=2", *switches.values()])  # the hint's overrides validate
+    assert camera_switches_on(off) == {}

@@ -89,7 +89,8 @@ def camera_switches_on(cfg: Config) -> dict[str, str]:
     options = {"memory.camera_aware": (cfg.memory.camera_aware, "true", "false"),
                "cluster.camera_norm": (cfg.cluster.camera_norm, "true", "false"),
                "cluster.associate": (cfg.cluster.associate, "true", "false"),
-               "ise.foreign": (cfg.ise.foreign == "same_camera", "same_camera", "any")}
+               "ise.foreign": (cfg.ise.foreign == "same_camera", "same_camera", "any"),
+               "memory.camera_online": (cfg.memory.camera_online > 0, str(cfg.memory.camera_online), "0")}
     return {f"{key}={on}": f"{key}={off}" for key, (active, on, off) in options.items() if active}
 
 
