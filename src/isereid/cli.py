@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import __version__
-from .errors import IsereidError
+from .errors import IsereidError, first_line
 
 log = logging.getLogger("isereid")
 
@@ -630,17 +630,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _oom_error() as e:  # type: ignore[misc]
         if args.debug:
             raise
-        print(f"isereid {args.command}: error: out of GPU memory ({str(e).splitlines()[0][:120]}); "
+        print(f"isereid {args.command}: error: out of GPU memory ({first_line(e)[:120]}); "
               "lower data.batch_size / data.test_batch_size or enable train.amp=true", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
 def _one_line(error: BaseException) -> str:
     """The message of ``error`` on one line (a DataLoader worker wraps it in its traceback)."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    if lines[0].startswith("Caught ") and len(lines) > 1:  # "Caught X in DataLoader worker process N."
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught "):  # "Caught X in DataLoader worker process N."
         return lines[-1].split(": ", 1)[-1]
-    return lines[0]
+    return first_line(error)
 
 
 def _oom_error() -> type:

@@ -15,7 +15,7 @@ from .data.datasets import Sample
 from .data.images import ImageDataset
 from .data.loader import make_loader
 from .distributed import DistContext
-from .errors import DatasetError
+from .errors import DatasetError, first_line
 from .utils import atomic_path
 
 
@@ -111,7 +111,7 @@ def read_npz(path: str | os.PathLike, keys: Sequence[str], what: str) -> dict[st
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
+        raise DatasetError(f"cannot read {what} {path}: {first_line(e)}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise DatasetError(f"{path} is not a {what}: a single array, not an .npz")
     with data:

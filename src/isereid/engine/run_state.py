@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..config import Config, to_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..index import cluster_distances
 from ..utils import atomic_path, atomic_write_text
 from . import checkpoint as ckpt
@@ -142,7 +142,7 @@ class RunFolder:
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot resume from {self.last}: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot resume from {self.last}: {first_line(e)}") from None
 
     @staticmethod
     def history(state: dict) -> list[EpochRecord]:
