@@ -160,7 +160,9 @@ class EvalConfig:
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
     max_rank: int = 50
-    visualize: int = 0  # write pictures for the N best and N worst queries
+    # Unused: kept so that config.yaml files written by older versions still load; pictures of the
+    # best and worst queries come from `isereid test --visualize N`.
+    visualize: int = 0
 
 
 @dataclass

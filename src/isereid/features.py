@@ -31,11 +31,11 @@ def extract_features(
     desc: str = "features",
     dist_ctx: Optional[DistContext] = None,
     channels_last: bool = False,
-    amp: bool = False,
     loader=None,
 ) -> torch.Tensor:
     """Run ``model`` in eval mode over ``paths`` -> (N, D) float32 CPU tensor, rows in input order.
 
+    Always float32, also when training uses ``train.amp`` (docs/reference_quirks.md#q31).
     Under torch.distributed each rank extracts a contiguous shard and the shards are
     gathered, so every rank returns the full matrix. ``loader(path) -> PIL image`` reads the
     images (default :func:`~isereid.data.images.load_rgb`; e.g. a ResizedImageCache).
@@ -54,7 +54,7 @@ def extract_features(
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast
             feats = model(images)
         chunks.append(feats.float())
     model.train(was_training)
