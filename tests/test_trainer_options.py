@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from isereid.camera import associate_clusters
 from isereid.cli import main
 from isereid.clustering import cluster_report
+from isereid.clustering.camera import associate_clusters
 from isereid.config import load_config
 from isereid.data.datasets import ReidDataset, Sample, build_dataset
 from isereid.distributed import DistContext

@@ -2,7 +2,7 @@
 
     for each epoch:
         features  <- extract(train images)                 (eval mode, test transform)
-        labels    <- jaccard_dbscan(features)              (outliers dropped this epoch)
+        labels    <- pseudo_labels(features, camids)       (outliers dropped this epoch)
         memory    <- normalised cluster centroids
         for each of `iters` iterations:
             f         <- model(batch)                      (P identities x Z instances)
@@ -30,8 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..camera import CameraProxyMemory, associate_clusters, camera_normalize, mutual_share, nearest_other_camera
-from ..clustering import cluster_report, jaccard_dbscan, jaccard_dbscan_auto, partition_warning
+from ..camera_memory import CameraProxyMemory
+from ..clustering import PseudoLabelSettings, cluster_report, mutual_share, nearest_other_camera, partition_warning
+from ..clustering import pseudo_labels as cluster_pseudo_labels
 from ..config import ClusterConfig, Config, to_yaml
 from ..data.datasets import ReidDataset
 from ..data.images import ImageDataset, ResizedImageCache
@@ -62,23 +63,14 @@ ClusterFn = Callable[[torch.Tensor, np.ndarray], np.ndarray]
 
 
 def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
-    """Pseudo-labels as configured: DBSCAN on Jaccard distances of k-reciprocal neighbours, of the
-    features normalised per camera first when ``cfg.camera_norm``; then, when ``cfg.associate``,
-    clusters from disjoint cameras that are mutual nearest neighbours are merged."""
+    """The :data:`ClusterFn` of :func:`isereid.clustering.pseudo_labels` with the settings of ``cfg``;
+    after each call its ``scale`` attribute holds the epoch record's eps (and auto-eps choice)."""
+    settings = PseudoLabelSettings.of(cfg)
+
     def cluster(features: torch.Tensor, camids: np.ndarray) -> np.ndarray:
-        if cfg.camera_norm:
-            features = camera_normalize(features, torch.as_tensor(camids))
-        if cfg.eps == "auto":  # docs/auto_eps.md; the choice goes into the epoch record
-            labels, choice = jaccard_dbscan_auto(features, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
-                                                 knn_backend=cfg.knn_backend)
-            cluster.scale = {"eps": choice.eps, "scale": choice.to_dict()}
-        else:
-            labels = jaccard_dbscan(features, eps=cfg.eps, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
-                                    knn_backend=cfg.knn_backend)
-            cluster.scale = {"eps": cfg.eps}
-        if cfg.associate:
-            labels = associate_clusters(features, labels, camids, cfg.associate_min_similarity)
-        return labels
+        result = cluster_pseudo_labels(features, camids, settings)
+        cluster.scale = result.record()
+        return result.labels
 
     return cluster
 
