@@ -64,16 +64,15 @@ def main(argv=None) -> int:
     from isereid.distributed import DistContext
     from isereid.engine.trainer import Trainer
     from isereid.errors import IsereidError
-    from isereid.utils import atomic_write_text, resolve_device, seed_everything
+    from isereid.utils import atomic_write_text, resolve_device
 
     try:
         cfg = load_config(args.config, [*args.overrides, f"data.root={args.data_root}", "optim.epochs=1",
                                         "train.progress=false", "train.tensorboard=false"])
-        seed_everything(cfg.seed, cfg.deterministic)
         dataset = build_dataset(cfg.data.dataset, cfg.data.root)
         ctx = DistContext(device=resolve_device(cfg.device))
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer.from_config(cfg, dataset, Path(tmp) / "run", ctx)
+            trainer = Trainer.from_config(cfg, dataset, Path(tmp) / "run", ctx)  # seeds, as `isereid train`
             started = time.perf_counter()
             record = trainer.run()[-1]
             epoch_seconds = time.perf_counter() - started

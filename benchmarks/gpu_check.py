@@ -542,7 +542,8 @@ def job_loader_throughput(a: Dict[str, Any]) -> Dict[str, Any]:
 
     # 2. the same model on pre-made tensors
     model = _build_model(s, device)
-    steps = IterationSteps(model, int(labels.max()) + 1, device, amp=device.type == "cuda")  # the trainer's default
+    # AMP on CUDA: the fast setting (train.amp=true); the trainer's default is float32
+    steps = IterationSteps(model, int(labels.max()) + 1, device, amp=device.type == "cuda")
     premade = torch.randn(batch, 3, s["height"], s["width"]).to(device)
     premade_labels = torch.as_tensor(labels[batches[0]]).to(device)
     _timed(lambda: steps.bare(premade), 2, device)

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isereid.camera import CameraProxyMemory, associate_clusters, camera_normalize
+from isereid.camera_memory import CameraProxyMemory
+from isereid.clustering.camera import associate_clusters, camera_normalize
 
 
 def unit(*shape, seed=0, dtype=torch.float64):
@@ -661,7 +662,7 @@ def test_associate_errors(kwargs, error, match):
 # ----------------------------------------------------------------------------- cross-camera neighbours
 @pytest.mark.parametrize("seed, block", [(0, 1), (1, 3), (2, 100)])
 def test_nearest_other_camera_matches_loop(seed, block):
-    from isereid.camera import mutual_share, nearest_other_camera
+    from isereid.clustering.camera import mutual_share, nearest_other_camera
 
     g = torch.Generator().manual_seed(seed)
     feats = F.normalize(torch.randn(17, 5, generator=g, dtype=torch.float64), dim=1)
@@ -676,7 +677,7 @@ def test_nearest_other_camera_matches_loop(seed, block):
 
 
 def test_nearest_other_camera_single_camera_and_mutual_pairs():
-    from isereid.camera import mutual_share, nearest_other_camera
+    from isereid.clustering.camera import mutual_share, nearest_other_camera
 
     feats = torch.eye(4)
     assert (nearest_other_camera(feats, [0, 0, 0, 0]) == -1).all()

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from isereid.camera import CameraProxyMemory
+from isereid.camera_memory import CameraProxyMemory
 from isereid.config import ISEConfig, MemoryConfig, ModelConfig
 from isereid.distributed import DistContext, gather_with_grad
 from isereid.engine.step import camera_losses, ise_losses

@@ -80,3 +80,19 @@ def test_onnx_export_records_the_preprocessing(run_dir, crops, tmp_path):
         batch.append(x.transpose(2, 0, 1))
     got = session.run(None, {"images": np.stack(batch).astype(np.float32)})[0]
     np.testing.assert_allclose(got, isereid.embed(run_dir / "model_best.pt", crops).numpy(), atol=2e-3)
+
+
+def test_extraction_is_float32_and_has_no_dead_options(run_dir, crops):
+    """``amp=`` was never passed (extraction is float32 by design) and ``all_reduce_mean`` never called."""
+    import inspect
+
+    from isereid.distributed import DistContext
+
+    assert "amp" not in inspect.signature(extract_features).parameters
+    assert not hasattr(DistContext, "all_reduce_mean")
+    model, prep = load_embedder(run_dir / "model_best.pt")
+    plain = extract_features(model, crops[:2], prep.transform(), progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not leak in
+        inside = extract_features(model, crops[:2], prep.transform(), progress=False)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain)

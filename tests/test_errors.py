@@ -223,3 +223,31 @@ def test_failed_export_leaves_no_temp_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     report = export_onnx(net, out, 16, 8)
     assert report.path == out and [p.name for p in out.parent.iterdir()] == ["model.onnx"]
+
+
+def test_first_line_of_an_exception():
+    from isereid.errors import first_line
+
+    assert first_line(ValueError("bad value\nsecond line")) == "bad value"
+    assert first_line(OSError("\n  \n  real reason  \nmore")) == "real reason"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(RuntimeError("   \n\n")) == "RuntimeError"
+
+
+def test_exception_with_an_empty_message_is_still_one_line(tmp_path, monkeypatch):
+    """``str(e).splitlines()[0]`` raised IndexError here when PIL gave an OSError with no message."""
+    from PIL import Image
+
+    from isereid.embedding import to_pil
+    from isereid.errors import DatasetError
+    from isereid.features import read_npz
+
+    def fail(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(Image, "open", fail)
+    with pytest.raises(DatasetError, match="cannot read image .*: OSError$"):
+        to_pil(tmp_path / "x.jpg")
+    monkeypatch.setattr("numpy.load", fail)
+    with pytest.raises(DatasetError, match=r"cannot read features file .*: OSError$"):
+        read_npz(tmp_path / "f.npz", ["a"], "features file")

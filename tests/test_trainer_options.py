@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from isereid.camera import associate_clusters
 from isereid.cli import main
 from isereid.clustering import cluster_report
+from isereid.clustering.camera import associate_clusters
 from isereid.config import load_config
 from isereid.data.datasets import ReidDataset, Sample, build_dataset
 from isereid.distributed import DistContext
@@ -71,7 +73,10 @@ def test_camera_aware_run_logs_terms_and_resumes_its_proxies(tiny_demo, tmp_path
 
 def test_camera_options_need_two_cameras(tmp_path):
     root = tmp_path / "one_cam"
+    root.mkdir()
     samples = [Sample(str(root / f"{i:04d}.jpg"), i % 5, 0) for i in range(40)]
+    for s in samples:  # readable: from_config drops unreadable training images
+        Image.new("RGB", (16, 32), (40 * (s.pid + 1), 80, 120)).save(s.path)
     dataset = ReidDataset(name="folder", root=root, train=samples, query=[], gallery=[])
     off = ["memory.camera_aware=false", "cluster.camera_norm=false"]  # the demo preset turns these on
     for option in ("memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true",
@@ -291,3 +296,42 @@ def test_cached_images_train_exactly_as_decoded_ones(tiny_demo, tmp_path):
     np.testing.assert_array_equal(labels_a, labels_b)
     torch.testing.assert_close(cents_a, cents_b, rtol=0, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+
+
+def test_from_config_trains_as_the_cli_does(tiny_demo, tmp_path):
+    """Seeding and train.log are the trainer's, not the command line's: a Python run started from
+    any RNG state ends bit-identical to `isereid train` (same labels, same weights)."""
+    import random
+
+    overrides = [*TINY, "optim.epochs=1"]
+    cli_out, py_out = tmp_path / "cli", tmp_path / "py"
+    assert main(["train", "--config", "demo", "--data-root", str(tiny_demo), "--output-dir", str(cli_out),
+                 *overrides]) == 0
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)  # whatever the caller did before
+    cfg = load_config("demo", [*overrides, f"data.root={tiny_demo}", f"output_dir={py_out}"])
+    Trainer.from_config(cfg, build_dataset(cfg.data.dataset, cfg.data.root), py_out, DistContext()).run()
+    first = [np.load(out / "labels" / "epoch_001.npz")["labels"] for out in (cli_out, py_out)]
+    np.testing.assert_array_equal(*first)
+    cli_state, py_state = (torch.load(out / "checkpoint_last.pt", weights_only=False)["state_dict"]
+                           for out in (cli_out, py_out))
+    assert cli_state.keys() == py_state.keys()
+    assert all(torch.equal(cli_state[k], py_state[k]) for k in cli_state)
+    py_log = (py_out / "train.log").read_text()
+    assert "epoch 1/1" in py_log
+    cli_log = (cli_out / "train.log").read_text()  # the command's lines and the trainer's, each once
+    assert cli_log.count("config: preset demo") == 1 and cli_log.count("epoch 1/1") == 1
+
+
+def test_from_config_drops_unreadable_training_images(tiny_demo, tmp_path, caplog):
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_demo, root)
+    broken = sorted((root / "bounding_box_train").iterdir())[:2]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:60])
+    cfg = load_config("demo", [*TINY, f"data.root={root}", "data.max_bad_fraction=0.5"])
+    with caplog.at_level(logging.INFO, logger="isereid"):
+        trainer = Trainer.from_config(cfg, build_dataset(cfg.data.dataset, cfg.data.root), tmp_path / "out",
+                                      DistContext())
+    kept = {Path(s.path).name for s in trainer.train_samples}
+    assert not kept & {p.name for p in broken} and len(kept) > 0
+    assert "skipping 2 unreadable training image(s)" in caplog.text

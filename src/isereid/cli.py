@@ -6,6 +6,7 @@ message and exit status 2; ``--debug`` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import __version__
-from .errors import IsereidError
+from .errors import IsereidError, first_line
 
 log = logging.getLogger("isereid")
 
@@ -37,13 +38,6 @@ def _setup_logging(verbose: bool = False) -> None:
     log.handlers[:] = [progress, results]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
-
-
-def _add_log_file(path: Path) -> logging.FileHandler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    return handler
 
 
 def _config_args(p: argparse.ArgumentParser, default_config: Optional[str], example: str) -> None:
@@ -91,42 +85,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"train needs --config: a preset ({', '.join(preset_names())}) or a YAML file; "
                           "for a first run: isereid demo-data demo && isereid train --config demo --data-root demo")
     from .data.datasets import build_dataset
-    from .data.images import drop_unreadable, name_paths
     from .distributed import init_distributed, shutdown_distributed
+    from .engine.run_state import RunFolder
     from .engine.trainer import Trainer
-    from .utils import seed_everything
 
     extra = [f"output_dir={args.output_dir}"] if args.output_dir else []
     cfg = _load_cfg(args, extra)
     ctx = init_distributed(cfg.device)
     out = Path(cfg.output_dir)
     created: Optional[Path] = None  # the outermost folder this command created
-    log_file = None
     try:
         if not ctx.is_main:
             log.setLevel(logging.WARNING)
         if ctx.is_main:
             created = _make_output_dir(out)
-            log_file = _add_log_file(out / "train.log")
-        log.info("config: %s%s; run folder %s", _describe_config(args.config),
-                 f" + {' '.join(args.overrides)}" if args.overrides else "", out)
-        seed_everything(cfg.seed, cfg.deterministic)
-        dataset = build_dataset(cfg.data.dataset, cfg.data.root)
-        dataset, bad = drop_unreadable(dataset, cfg.data.max_bad_fraction)
-        if bad:
-            log.warning("skipping %d unreadable training image(s): %s", len(bad), name_paths(bad))
-        log.info("%s", dataset.summary())
-        _check_cameras(cfg, dataset)
-        if ctx.enabled:
-            log.info("distributed: %d processes, global batch %d", ctx.world_size, cfg.data.batch_size)
-        trainer = Trainer.from_config(cfg, dataset, out, ctx)
-        history = trainer.run()
-        if ctx.is_main:
-            _finish_training(out, history, trainer.best_epoch)
+        # The trainer writes train.log during its run; held here, it also has the lines around it.
+        with RunFolder(out).log_file(log) if ctx.is_main else contextlib.nullcontext():
+            log.info("config: %s%s; run folder %s", _describe_config(args.config),
+                     f" + {' '.join(args.overrides)}" if args.overrides else "", out)
+            dataset = build_dataset(cfg.data.dataset, cfg.data.root)
+            _check_cameras(cfg, dataset)
+            if ctx.enabled:
+                log.info("distributed: %d processes, global batch %d", ctx.world_size, cfg.data.batch_size)
+            trainer = Trainer.from_config(cfg, dataset, out, ctx)  # seeds, drops unreadable images
+            history = trainer.run()
+            if ctx.is_main:
+                _finish_training(out, history, trainer.best_epoch)
     except BaseException:
-        if log_file is not None:
-            log.removeHandler(log_file)
-            log_file.close()
         if created is not None and not (out / "checkpoint_last.pt").exists():  # a failed start leaves nothing
             shutil.rmtree(created, ignore_errors=True)
         raise
@@ -630,17 +615,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _oom_error() as e:  # type: ignore[misc]
         if args.debug:
             raise
-        print(f"isereid {args.command}: error: out of GPU memory ({str(e).splitlines()[0][:120]}); "
+        print(f"isereid {args.command}: error: out of GPU memory ({first_line(e)[:120]}); "
               "lower data.batch_size / data.test_batch_size or enable train.amp=true", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
 def _one_line(error: BaseException) -> str:
     """The message of ``error`` on one line (a DataLoader worker wraps it in its traceback)."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    if lines[0].startswith("Caught ") and len(lines) > 1:  # "Caught X in DataLoader worker process N."
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught "):  # "Caught X in DataLoader worker process N."
         return lines[-1].split(": ", 1)[-1]
-    return lines[0]
+    return first_line(error)
 
 
 def _oom_error() -> type:

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .clustering.knn import KNN_BACKENDS
 from .data.datasets import DATASET_NAMES
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .ise import FOREIGN
 from .losses import NEGATIVES
 from .memory import MODES as MEMORY_MODES
@@ -160,7 +160,9 @@ class EvalConfig:
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
     max_rank: int = 50
-    visualize: int = 0  # write pictures for the N best and N worst queries
+    # Unused: kept so that config.yaml files written by older versions still load; pictures of the
+    # best and worst queries come from `isereid test --visualize N`.
+    visualize: int = 0
 
 
 @dataclass
@@ -216,7 +218,7 @@ def _read_yaml(name_or_path: str) -> Any:
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot parse config {name_or_path}: {e}") from None
     except Exception as e:  # yaml.YAMLError and friends
-        raise ConfigError(f"cannot parse config {name_or_path}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse config {name_or_path}: {first_line(e)}") from None
     if not OmegaConf.is_dict(loaded):
         raise ConfigError(f"config {name_or_path} must be a YAML mapping of keys to values")
     return loaded
@@ -235,7 +237,7 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 def _config_error(e: OmegaConfBaseException, schema: Any, source: str, written: Sequence[str] = ()) -> ConfigError:
     """One-line ConfigError for an OmegaConf failure; ``written`` are the dotted keys the user typed."""
     key = getattr(e, "full_key", None) or ""
-    msg = str(e).splitlines()[0]
+    msg = first_line(e)
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         # OmegaConf names only the first unknown part ('no' for no.such.key): report the key as typed.
         key = next((k for k in written if k == key or k.startswith(key + ".")), key)

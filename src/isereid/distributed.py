@@ -65,13 +65,6 @@ class DistContext:
         rows = max(counts)
         return torch.cat([gathered[r * rows: r * rows + c] for r, c in enumerate(counts)])
 
-    def all_reduce_mean(self, value: float) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world_size
-
     def shard(self, n: int) -> range:
         """Contiguous block of ``range(n)`` handled by this rank (sizes differ by at most 1)."""
         per, extra = divmod(n, self.world_size)

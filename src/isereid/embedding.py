@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import DataConfig
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_test_transform
-from .errors import DatasetError, InvalidArgument
+from .errors import DatasetError, InvalidArgument, first_line
 
 DEFAULT_SIZE = (256, 128)
 
@@ -75,7 +75,7 @@ def to_pil(image: ImageInput) -> Image.Image:
             with Image.open(image) as im:
                 return im.convert("RGB")
         except (OSError, ValueError) as e:
-            raise DatasetError(f"cannot read image {image}: {str(e).splitlines()[0]}") from None
+            raise DatasetError(f"cannot read image {image}: {first_line(e)}") from None
     raise InvalidArgument(f"cannot embed a {type(image).__name__}: give paths, PIL images or uint8 arrays")
 
 

@@ -43,3 +43,12 @@ class TrainingDiverged(IsereidError):
 
 class OutputError(IsereidError):
     """An output path that cannot be written (a file where a folder is needed, no permission)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``str(exc)``, stripped; the exception's type name when the
+    message is empty (``str(exc).splitlines()[0]`` raises IndexError there)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

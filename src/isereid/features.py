@@ -15,7 +15,7 @@ from .data.datasets import Sample
 from .data.images import ImageDataset
 from .data.loader import make_loader
 from .distributed import DistContext
-from .errors import DatasetError
+from .errors import DatasetError, first_line
 from .utils import atomic_path
 
 
@@ -31,11 +31,11 @@ def extract_features(
     desc: str = "features",
     dist_ctx: Optional[DistContext] = None,
     channels_last: bool = False,
-    amp: bool = False,
     loader=None,
 ) -> torch.Tensor:
     """Run ``model`` in eval mode over ``paths`` -> (N, D) float32 CPU tensor, rows in input order.
 
+    Always float32, also when training uses ``train.amp`` (docs/reference_quirks.md#q31).
     Under torch.distributed each rank extracts a contiguous shard and the shards are
     gathered, so every rank returns the full matrix. ``loader(path) -> PIL image`` reads the
     images (default :func:`~isereid.data.images.load_rgb`; e.g. a ResizedImageCache).
@@ -54,7 +54,7 @@ def extract_features(
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast
             feats = model(images)
         chunks.append(feats.float())
     model.train(was_training)
@@ -111,7 +111,7 @@ def read_npz(path: str | os.PathLike, keys: Sequence[str], what: str) -> dict[st
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read {what} {path}: {str(e).splitlines()[0]}") from None
+        raise DatasetError(f"cannot read {what} {path}: {first_line(e)}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise DatasetError(f"{path} is not a {what}: a single array, not an .npz")
     with data:

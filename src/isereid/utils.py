@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import random
 import secrets
@@ -22,6 +23,37 @@ FAILPOINT_ENV = "ISEREID_FAILPOINT"
 def counts_to_indptr(counts: np.ndarray) -> np.ndarray:
     """CSR row pointer of per-row entry ``counts`` (n,) -> (n + 1,): ``[0, c0, c0 + c1, ...]``."""
     return np.concatenate([[0], np.cumsum(counts)])
+
+
+# ---------------------------------------------------------------- tensor argument checks
+def as_ids(values, count: int, name: str, device: torch.device) -> torch.Tensor:
+    """``values`` as a (count,) int64 tensor on ``device``; TypeError/ValueError otherwise."""
+    ids = torch.as_tensor(values)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must hold integers, got dtype {ids.dtype}")
+    if ids.dim() != 1 or ids.shape[0] != count:
+        raise ValueError(f"{name} must have shape ({count},), got {tuple(ids.shape)}")
+    return ids.to(device=device, dtype=torch.long)
+
+
+def check_feature_tensor(features: torch.Tensor, name: str = "features") -> None:
+    """TypeError/ValueError unless ``features`` is a floating-point (N, D) torch tensor."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 2:
+        raise ValueError(f"{name} must be an (N, D) tensor, got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got dtype {features.dtype}")
+
+
+def is_real_number(value) -> bool:
+    """A real number that is not a bool (``True`` is an ``int`` to Python)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32/half/bfloat16 are computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def failpoint(name: str) -> None:

@@ -39,7 +39,7 @@ class ClusteringReport:
     purity: Optional[float] = None
     cross_camera_clusters: Optional[float] = None
     cross_camera_images: Optional[float] = None
-    # Of the features, not the partition (camera.nearest_other_camera): share of images whose nearest
+    # Of the features, not the partition (clustering.camera.nearest_other_camera): share of images whose nearest
     # other-camera image has them as its nearest too (label-free), and, with true identities, share
     # whose nearest other-camera image is the same person.
     mutual_cross_camera: Optional[float] = None

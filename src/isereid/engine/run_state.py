@@ -5,6 +5,7 @@
     metrics.jsonl        one EpochRecord a line, rewritten from the checkpoint's records on resume
     model_best.pt        the model of the epoch with the best mAP (the latest one without a test split)
     labels/images.npz    the training images in pseudo-label order: paths (absolute), camids (int32)
+    train.log            the run's log lines, timestamped (:meth:`RunFolder.log_file`)
     labels/epoch_NNN.npz the pseudo-labels of epoch NNN (1-based): labels (int32, -1 = outlier), and
                          inside/between, sampled distances to the nearest image of the same / another
                          cluster (index.cluster_distances), from which `isereid serve` suggests a
@@ -17,14 +18,16 @@ Only rank 0 touches the folder; the callers decide who calls.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..config import Config, to_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..index import cluster_distances
 from ..utils import atomic_path, atomic_write_text
 from . import checkpoint as ckpt
@@ -35,6 +38,7 @@ RESUME_MUST_MATCH = ("model", "data", "cluster", "memory", "ise", "optim")
 METRICS = "metrics.jsonl"
 LABELS = "labels"
 LABEL_IMAGES = "images.npz"
+LOG = "train.log"
 
 
 class RunFolder:
@@ -50,6 +54,24 @@ class RunFolder:
     @property
     def best(self) -> Path:
         return self.path / ckpt.BEST
+
+    @contextlib.contextmanager
+    def log_file(self, logger: logging.Logger) -> Iterator[None]:
+        """Append what ``logger`` emits (at its own level) to ``train.log`` for the block, timestamped.
+        Nested use adds nothing: the command line holds it around the whole command, the trainer
+        around its run, and each line is written once."""
+        path = (self.path / LOG).resolve()
+        if any(getattr(h, "baseFilename", None) == str(path) for h in logger.handlers):
+            yield
+            return
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
 
     # ------------------------------------------------------------------ writing
     def save(self, cfg: Config, epoch: int, score: Optional[float], is_best: bool, *,
@@ -142,7 +164,7 @@ class RunFolder:
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot resume from {self.last}: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot resume from {self.last}: {first_line(e)}") from None
 
     @staticmethod
     def history(state: dict) -> list[EpochRecord]:

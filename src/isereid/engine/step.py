@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..camera import CameraProxyMemory
+from ..camera_memory import CameraProxyMemory
 from ..config import ISEConfig, MemoryConfig
 from ..distributed import DistContext, gather_with_grad
 from ..errors import TrainingDiverged

@@ -2,7 +2,7 @@
 
     for each epoch:
         features  <- extract(train images)                 (eval mode, test transform)
-        labels    <- jaccard_dbscan(features)              (outliers dropped this epoch)
+        labels    <- pseudo_labels(features, camids)       (outliers dropped this epoch)
         memory    <- normalised cluster centroids
         for each of `iters` iterations:
             f         <- model(batch)                      (P identities x Z instances)
@@ -30,11 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..camera import CameraProxyMemory, associate_clusters, camera_normalize, mutual_share, nearest_other_camera
-from ..clustering import cluster_report, jaccard_dbscan, jaccard_dbscan_auto, partition_warning
+from ..camera_memory import CameraProxyMemory
+from ..clustering import PseudoLabelSettings, cluster_report, mutual_share, nearest_other_camera, partition_warning
+from ..clustering import pseudo_labels as cluster_pseudo_labels
 from ..config import ClusterConfig, Config, to_yaml
 from ..data.datasets import ReidDataset
-from ..data.images import ImageDataset, ResizedImageCache
+from ..data.images import ImageDataset, ResizedImageCache, drop_unreadable, name_paths
 from ..data.loader import make_loader
 from ..data.sampler import BatchListSampler, epoch_batches
 from ..data.transforms import build_test_transform, build_train_transform
@@ -44,7 +45,7 @@ from ..features import extract_features
 from ..ise import interpolation_weight
 from ..memory import ClusterMemory
 from ..models import build_model, trainable_parameters
-from ..utils import atomic_write_text, failpoint
+from ..utils import atomic_write_text, failpoint, seed_everything
 from . import checkpoint as ckpt
 from .evaluate import evaluate_model
 from .records import EpochRecord
@@ -62,23 +63,14 @@ ClusterFn = Callable[[torch.Tensor, np.ndarray], np.ndarray]
 
 
 def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
-    """Pseudo-labels as configured: DBSCAN on Jaccard distances of k-reciprocal neighbours, of the
-    features normalised per camera first when ``cfg.camera_norm``; then, when ``cfg.associate``,
-    clusters from disjoint cameras that are mutual nearest neighbours are merged."""
+    """The :data:`ClusterFn` of :func:`isereid.clustering.pseudo_labels` with the settings of ``cfg``;
+    after each call its ``scale`` attribute holds the epoch record's eps (and auto-eps choice)."""
+    settings = PseudoLabelSettings.of(cfg)
+
     def cluster(features: torch.Tensor, camids: np.ndarray) -> np.ndarray:
-        if cfg.camera_norm:
-            features = camera_normalize(features, torch.as_tensor(camids))
-        if cfg.eps == "auto":  # docs/auto_eps.md; the choice goes into the epoch record
-            labels, choice = jaccard_dbscan_auto(features, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
-                                                 knn_backend=cfg.knn_backend)
-            cluster.scale = {"eps": choice.eps, "scale": choice.to_dict()}
-        else:
-            labels = jaccard_dbscan(features, eps=cfg.eps, k1=cfg.k1, k2=cfg.k2, min_samples=cfg.min_samples,
-                                    knn_backend=cfg.knn_backend)
-            cluster.scale = {"eps": cfg.eps}
-        if cfg.associate:
-            labels = associate_clusters(features, labels, camids, cfg.associate_min_similarity)
-        return labels
+        result = cluster_pseudo_labels(features, camids, settings)
+        cluster.scale = result.record()
+        return result.labels
 
     return cluster
 
@@ -106,6 +98,28 @@ def check_distributed_batch(cfg: Config, world: int) -> None:
     if cfg.model.bn_mode == "chunk" and world > 1 and local < cfg.model.bn_chunk:
         raise ConfigError(f"with model.bn_mode=chunk the per-process batch ({local}) must be at least "
                           f"model.bn_chunk ({cfg.model.bn_chunk}); use fewer processes or bn_mode=sync")
+
+
+def check_training_set(cfg: Config, dataset: ReidDataset) -> None:
+    """ConfigError when ``cfg`` asks for what the training images of ``dataset`` cannot give (camera
+    switches with a single camera id, ``train.supervised`` without identities); reads no image."""
+    switches = camera_switches_on(cfg)
+    if switches and len({s.camid for s in dataset.train}) < 2:
+        raise ConfigError(f"{', '.join(switches)} need images from two or more cameras, but the training images "
+                          f"of {dataset.name} have a single camera id (or none); set {' '.join(switches.values())}")
+    if cfg.train.supervised and not (dataset.train and all(s.pid >= 0 for s in dataset.train)):
+        raise ConfigError("train.supervised=true needs identities in the training file names "
+                          f"(dataset {dataset.name} has none)")
+
+
+def readable_training_set(cfg: Config, dataset: ReidDataset) -> ReidDataset:
+    """``dataset`` without its unreadable training images, which the log names (DatasetError when
+    more than ``data.max_bad_fraction`` are unreadable); the summary of what is left is logged."""
+    dataset, bad = drop_unreadable(dataset, cfg.data.max_bad_fraction)
+    if bad:
+        log.warning("skipping %d unreadable training image(s): %s", len(bad), name_paths(bad))
+    log.info("%s", dataset.summary())
+    return dataset
 
 
 def tensorboard_writer(output_dir: Path):
@@ -162,14 +176,8 @@ class Trainer:
         self.true_pids = true_pids if len(true_pids) and (true_pids >= 0).all() else None
         self.camids = np.array([s.camid for s in self.train_samples], dtype=np.int64)
         self.multi_camera = len(np.unique(self.camids)) >= 2
-        switches = camera_switches_on(cfg)
-        if switches and not self.multi_camera:
-            raise ConfigError(f"{', '.join(switches)} need images from two or more cameras, but the training images "
-                              f"of {dataset.name} have a single camera id (or none); set {' '.join(switches.values())}")
+        check_training_set(cfg, dataset)
         self.camera_memory: Optional[CameraProxyMemory] = None
-        if cfg.train.supervised and self.true_pids is None:
-            raise ConfigError("train.supervised=true needs identities in the training file names "
-                              f"(dataset {dataset.name} has none)")
         self.memory: Optional[ClusterMemory] = None
         self.pseudo_labels: Optional[np.ndarray] = None  # (N,) with -1 for outliers
         self.history: list[EpochRecord] = []
@@ -182,10 +190,16 @@ class Trainer:
 
     @classmethod
     def from_config(cls, cfg: Config, dataset: ReidDataset, output_dir: Path, dist_ctx: DistContext) -> Trainer:
-        """The trainer of ``cfg``: build_model (channels_last when configured), Adam over the trainable
-        parameters, StepLR, the default GradScaler and clustering, a SummaryWriter on rank 0 when
-        ``train.tensorboard``."""
-        check_distributed_batch(cfg, dist_ctx.world_size)  # before building (maybe downloading) a model
+        """The trainer of ``cfg`` under the run policy that ``isereid train`` has too, so that Python and
+        the command line train alike: every RNG seeded with ``cfg.seed`` (and ``cfg.deterministic``)
+        before the model is built, unreadable training images dropped (:func:`readable_training_set`),
+        and :meth:`run` writing ``train.log``. Parts: build_model (channels_last when configured), Adam
+        over the trainable parameters, StepLR, the default GradScaler and clustering, a SummaryWriter on
+        rank 0 when ``train.tensorboard``."""
+        check_distributed_batch(cfg, dist_ctx.world_size)  # before reading images or building a model
+        check_training_set(cfg, dataset)
+        seed_everything(cfg.seed, cfg.deterministic)  # the model's random init follows from cfg.seed
+        dataset = readable_training_set(cfg, dataset)
         model = build_model(cfg.model).to(dist_ctx.device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -203,10 +217,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> list[EpochRecord]:
-        """Train from scratch or resume from ``checkpoint_last.pt``; returns the metrics history."""
+        """Train from scratch or resume from ``checkpoint_last.pt``; returns the metrics history.
+        Rank 0 copies the ``isereid`` logger's lines (at the level the caller set) to ``train.log``."""
+        if not self.ctx.is_main:
+            return self._run()
+        self.out.mkdir(parents=True, exist_ok=True)
+        with self.run_folder.log_file(log):
+            return self._run()
+
+    def _run(self) -> list[EpochRecord]:
         cfg = self.cfg
-        if self.ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
         if self.start_epoch >= cfg.optim.epochs:
             log.info("run in %s is already complete (%d epochs)", self.out, cfg.optim.epochs)

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line
 from .ibn import IBN_A_URL, resnet50_ibn_a
 from .mobile import MOBILE_ARCHS, mobile_trunk, set_last_stride_mobile
 from .state_io import extract_state_dict, load_state_strict, safe_load
@@ -65,7 +65,7 @@ def _imagenet_state_dict(arch: str) -> dict:
     try:
         return _fetch_weights(arch)
     except Exception as e:  # URLError, HTTPError, timeouts, hash mismatch, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise ConfigError(
             f"cannot download ImageNet weights for {arch} ({reason}); "
             "set model.pretrained_path=FILE or model.pretrained=false"

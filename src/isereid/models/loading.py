@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .backbones import ARCHS
 from .reid import build_model
-from .state_io import _first_line, extract_state_dict, load_state_strict, safe_load
+from .state_io import extract_state_dict, load_state_strict, safe_load
 
 
 def _stage_blocks(state: Mapping[str, torch.Tensor], stage: int) -> int:
@@ -107,7 +107,7 @@ def load_model_and_meta(path, map_location: Any = "cpu") -> tuple[nn.Module, Che
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # bad values in a stored model_config
-        raise CheckpointError(f"{path}: unusable model_config ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: unusable model_config ({first_line(e)})") from None
     meta = CheckpointMeta(model_config=cfg, input_size=_input_size(path, obj),
                           epoch=_optional(obj, "epoch", int), mAP=_optional(obj, "mAP", float))
     model = build_model(cfg)

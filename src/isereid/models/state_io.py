@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 
 def _numpy_scalar_globals() -> list:
@@ -51,11 +51,6 @@ def _allow_numpy_scalars():
     return safe_globals(SAFE_NUMPY_GLOBALS) if safe_globals is not None else contextlib.nullcontext()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def safe_load(path, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with NumPy scalars allowed; any failure ->
     one-line :class:`CheckpointError`."""
@@ -81,9 +76,9 @@ def safe_load(path, map_location: Any = "cpu") -> Any:
         elif isinstance(e, EOFError):
             reason = "not a PyTorch checkpoint (empty or truncated file)"
         elif isinstance(e, (pickle.UnpicklingError, KeyError, ValueError, IndexError, TypeError)):
-            reason = f"not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})"
+            reason = f"not a PyTorch checkpoint ({type(e).__name__}: {first_line(e)})"
         else:
-            reason = _first_line(e)
+            reason = first_line(e)
             if len(reason) > 160 and ". " in reason:  # torch's zip reader appends a paragraph of advice
                 reason = reason.split(". ")[0]
         raise CheckpointError(f"{path} is not a loadable checkpoint: {reason}") from None
@@ -131,4 +126,4 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {source} does not match {label}: {_first_line(e)}") from None
+        raise CheckpointError(f"checkpoint {source} does not match {label}: {first_line(e)}") from None

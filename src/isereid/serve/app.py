@@ -12,7 +12,7 @@ import socket
 from importlib import resources
 from typing import Callable, Optional
 
-from ..errors import InvalidArgument, IsereidError, MissingDependency
+from ..errors import InvalidArgument, IsereidError, MissingDependency, first_line
 from .state import BadImage, NotFound, RunView
 
 try:
@@ -83,7 +83,7 @@ def create_app(view: RunView, token: Optional[str] = None) -> FastAPI:
 
     @app.exception_handler(IsereidError)
     async def bad_request(request, exc):  # BadImage, InvalidArgument
-        return _error(400, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return _error(400, first_line(exc))
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -143,7 +143,7 @@ def create_app(view: RunView, token: Optional[str] = None) -> FastAPI:
         except ValueError as e:
             if isinstance(e, IsereidError):
                 raise
-            raise BadImage(f"bad search parameter ({str(e).splitlines()[0]})") from None
+            raise BadImage(f"bad search parameter ({first_line(e)})") from None
         finally:
             await form.close()
 

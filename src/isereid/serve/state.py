@@ -23,7 +23,7 @@ from PIL import Image
 from ..data.datasets import images_in_folder, parse_image_name
 from ..embedding import Preprocessing, embed_pil, load_embedder
 from ..engine.run_state import LABEL_IMAGES, LABELS, METRICS
-from ..errors import DatasetError, InvalidArgument, IsereidError
+from ..errors import DatasetError, InvalidArgument, IsereidError, first_line
 from ..index import GalleryIndex, file_sha256, label_free_threshold, load_index
 
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.npz$")
@@ -214,7 +214,7 @@ class RunView:
                 im.load()
                 return im.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = first_line(e)
             raise BadImage(f"not a readable image ({reason})") from None
 
     def _embed(self, image: Image.Image) -> np.ndarray:

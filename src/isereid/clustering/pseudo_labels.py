@@ -1,0 +1,87 @@
+"""The pseudo-label pipeline of one epoch (docs/method.md#pseudo-labels, docs/camera_aware.md).
+
+    features (N, D) --camera_normalize?--> DBSCAN on Jaccard distances --associate_clusters?--> labels (N,)
+
+Each step is its own public function; :func:`pseudo_labels` is the one place that chains them,
+so the trainer, the benchmarks and a user's script cluster alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgument
+from ..utils import ArrayLike
+from .camera import associate_clusters, camera_normalize
+from .dbscan import jaccard_dbscan, jaccard_dbscan_auto
+from .scale import ScaleChoice
+
+__all__ = ["PseudoLabelSettings", "PseudoLabels", "pseudo_labels"]
+
+
+@dataclass(frozen=True)
+class PseudoLabelSettings:
+    """What :func:`pseudo_labels` does; the fields and defaults of the config's ``cluster`` section.
+
+    eps: DBSCAN radius on the Jaccard distance, or ``"auto"`` (chosen from the features,
+    docs/auto_eps.md). camera_norm: subtract each camera's mean feature first. associate: merge
+    mutual-nearest clusters of disjoint cameras at cosine >= ``associate_min_similarity`` after DBSCAN.
+    """
+
+    eps: Union[float, str] = 0.4
+    k1: int = 30
+    k2: int = 6
+    min_samples: int = 4
+    knn_backend: str = "torch"
+    camera_norm: bool = False
+    associate: bool = False
+    associate_min_similarity: float = 0.5
+
+    @classmethod
+    def of(cls, section: Any) -> "PseudoLabelSettings":
+        """The settings named by the attributes of ``section`` (e.g. a ``ClusterConfig``; extra ones ignored)."""
+        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class PseudoLabels:
+    """labels: (N,) int64, -1 for outliers, clusters 0..C-1. eps: the radius DBSCAN used.
+    choice: how ``eps="auto"`` chose it (None for a fixed eps)."""
+
+    labels: np.ndarray
+    eps: Union[float, str]
+    choice: Optional[ScaleChoice] = None
+
+    def record(self) -> dict:
+        """The epoch record's clustering-scale entries: ``eps`` (and ``scale`` for ``eps="auto"``)."""
+        if self.choice is None:
+            return {"eps": self.eps}
+        return {"eps": self.choice.eps, "scale": self.choice.to_dict()}
+
+
+def pseudo_labels(features: ArrayLike, camids: Optional[ArrayLike],
+                  settings: PseudoLabelSettings = PseudoLabelSettings()) -> PseudoLabels:
+    """Pseudo-labels of ``features`` (N, D), rows L2-normalised, from cameras ``camids`` (N,) ints.
+
+    ``camids`` may be None when neither camera step is on. Steps: camera normalisation (when
+    ``settings.camera_norm``), DBSCAN on the k-reciprocal Jaccard distance, cross-camera
+    association of the clusters (when ``settings.associate``), the latter on the features DBSCAN saw.
+    """
+    if (settings.camera_norm or settings.associate) and camids is None:
+        raise InvalidArgument("camids are needed for camera_norm and associate")
+    if settings.camera_norm:
+        features = camera_normalize(features, torch.as_tensor(camids))
+    choice = None
+    if settings.eps == "auto":
+        labels, choice = jaccard_dbscan_auto(features, k1=settings.k1, k2=settings.k2,
+                                             min_samples=settings.min_samples, knn_backend=settings.knn_backend)
+    else:
+        labels = jaccard_dbscan(features, eps=settings.eps, k1=settings.k1, k2=settings.k2,
+                                min_samples=settings.min_samples, knn_backend=settings.knn_backend)
+    if settings.associate:
+        labels = associate_clusters(features, labels, camids, settings.associate_min_similarity)
+    return PseudoLabels(labels=labels, eps=settings.eps, choice=choice)
