@@ -50,9 +50,11 @@ VARIANTS = {
     "camera_aware": [*_PLAIN, *_CAMERA],
     "camera_associate": [*_PLAIN, *_CAMERA, "cluster.associate=true"],
     "supervised": ["train.supervised=true"],
-    # O2CAP's online association on top of the shipped preset, beside or instead of the label merge.
-    "preset_online": ["memory.camera_online=1"],
+    # The shipped preset without O2CAP's online association (the preset before 2026-12-02's second
+    # round), with it but without the label merge, and with it on top of a preset that lacks it.
+    "preset_no_online": ["memory.camera_online=0"],
     "preset_online_nomerge": ["memory.camera_online=1", "cluster.associate=false"],
+    "preset_online": ["memory.camera_online=1"],
 }
 
 

@@ -91,7 +91,7 @@ def test_camera_options_need_two_cameras(tmp_path):
         Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())
     hint = str(err.value).split("; set ", 1)[1].split()
     assert sorted(hint) == ["cluster.associate=false", "cluster.camera_norm=false", "ise.foreign=any",
-                            "memory.camera_aware=false"]
+                            "memory.camera_aware=false", "memory.camera_online=0"]
     cfg = load_config("cpu", [*TINY, "model.pretrained=false", "model.arch=resnet18", *hint])
     assert Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext()).multi_camera is False
 
@@ -99,7 +99,8 @@ def test_camera_options_need_two_cameras(tmp_path):
 def test_camera_aware_needs_two_instances_per_identity():
     with pytest.raises(ConfigError, match="data.num_instances >= 2"):
         load_config("cpu", ["data.num_instances=1"])
-    assert load_config("cpu", ["data.num_instances=1", "memory.camera_aware=false"]).data.num_instances == 1
+    off = ["memory.camera_aware=false", "memory.camera_online=0"]
+    assert load_config("cpu", ["data.num_instances=1", *off]).data.num_instances == 1
 
 
 def test_clusterer_associates_after_dbscan():
