@@ -37,8 +37,8 @@ from pathlib import Path
 from isereid.utils import atomic_write_text
 
 # Plain ISE: every camera switch off, whatever the preset turns on.
-_PLAIN = ["memory.camera_aware=false", "cluster.camera_norm=false", "cluster.associate=false", "ise.foreign=any",
-          "memory.cluster_weight=1.0"]
+_PLAIN = ["memory.camera_aware=false", "memory.camera_online=0", "cluster.camera_norm=false",
+          "cluster.associate=false", "ise.foreign=any", "memory.cluster_weight=1.0"]
 _CAMERA = ["memory.camera_aware=true", "cluster.camera_norm=true"]
 VARIANTS = {
     "direct": None,

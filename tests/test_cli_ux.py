@@ -149,9 +149,9 @@ def test_single_camera_names_the_switches_to_turn_off_and_following_it_trains(cr
     msg = err[-1]
     assert "every image of folder is camera 0" in msg and "sub-folder" in msg and "CSV" in msg
     switches = msg.split("; add ")[1].split(", or ")[0].split()
-    # the four the preset turns on
+    # the five the preset turns on
     assert switches == ["memory.camera_aware=false", "cluster.camera_norm=false", "cluster.associate=false",
-                        "ise.foreign=any"]
+                        "ise.foreign=any", "memory.camera_online=0"]
     assert not (tmp_path / "run").exists()
     assert main(argv + switches) == 0  # following the hint: it trains
     assert (tmp_path / "run" / "checkpoint_last.pt").is_file()

@@ -183,7 +183,7 @@ def test_cluster_eps_rejects_anything_else_in_one_line(value):
 def test_camera_online_needs_camera_aware_and_the_single_camera_hint_turns_both_off():
     from isereid.engine.trainer import camera_switches_on
 
-    with pytest.raises(ConfigError, match="memory.camera_online needs memory.camera_aware=true"):
+    with pytest.raises(ConfigError, match="memory.camera_online=1 needs memory.camera_aware=true.*camera_online=0"):
         load_config("demo", ["memory.camera_online=1", "memory.camera_aware=false"])
     with pytest.raises(ConfigError, match="memory.camera_online"):
         load_config("demo", ["memory.camera_online=-1"])

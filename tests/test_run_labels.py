@@ -21,7 +21,7 @@ from test_trainer import _ArgmaxClusters
 
 TINY = ["optim.epochs=2", "optim.iters=1", "eval.every=0", "data.workers=0", "train.progress=false",
         "train.tensorboard=false", "data.batch_size=16", "data.height=32", "data.width=16", "data.pad=2",
-        "memory.camera_aware=false"]
+        "memory.camera_aware=false", "memory.camera_online=0"]
 
 
 class _Stop(Exception):

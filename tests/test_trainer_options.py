@@ -78,7 +78,7 @@ def test_camera_options_need_two_cameras(tmp_path):
     for s in samples:  # readable: from_config drops unreadable training images
         Image.new("RGB", (16, 32), (40 * (s.pid + 1), 80, 120)).save(s.path)
     dataset = ReidDataset(name="folder", root=root, train=samples, query=[], gallery=[])
-    off = ["memory.camera_aware=false", "cluster.camera_norm=false"]  # the demo preset turns these on
+    off = ["memory.camera_aware=false", "memory.camera_online=0", "cluster.camera_norm=false"]  # demo turns these on
     for option in ("memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true",
                    "ise.foreign=same_camera"):
         cfg = load_config("demo", [*TINY, *off, option])
@@ -167,15 +167,17 @@ def test_supervised_uses_true_identities(tiny_demo, tmp_path):
 
 
 @pytest.mark.parametrize("switches,hint", [
-    (("false", "false", "false"), "try memory.camera_aware=true cluster.camera_norm=true cluster.associate=true ("),
-    (("true", "false", "false"), "try cluster.camera_norm=true cluster.associate=true ("),
-    (("true", "true", "false"), "try cluster.associate=true ("),
-    (("true", "true", "true"), "try a longer schedule"),
+    (("false", "false", "false", "0"),
+     "try memory.camera_aware=true cluster.camera_norm=true cluster.associate=true memory.camera_online=1 ("),
+    (("true", "false", "false", "0"), "try cluster.camera_norm=true cluster.associate=true memory.camera_online=1 ("),
+    (("true", "true", "false", "1"), "try cluster.associate=true ("),
+    (("true", "true", "true", "0"), "try memory.camera_online=1 ("),
+    (("true", "true", "true", "1"), "try a longer schedule"),
 ])
 def test_camera_pure_warning(tiny_demo, tmp_path, caplog, switches, hint):
-    aware, norm, associate = switches
+    aware, norm, associate, online = switches
     trainer = _trainer(tiny_demo, tmp_path / "w", f"memory.camera_aware={aware}", f"cluster.camera_norm={norm}",
-                       f"cluster.associate={associate}")
+                       f"cluster.associate={associate}", f"memory.camera_online={online}")
     labels = np.where(trainer.camids == 0, 0, 1)  # one cluster per camera (3 cameras -> 0 and 1)
     labels[trainer.camids == 2] = 2
     report = cluster_report(labels, cameras=trainer.camids)

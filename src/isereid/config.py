@@ -326,7 +326,8 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"config key {key!r} must be positive, got {_get(cfg, key)}")
     if cfg.memory.camera_online and not cfg.memory.camera_aware:
-        raise ConfigError("memory.camera_online needs memory.camera_aware=true (it acts on the camera proxies)")
+        raise ConfigError(f"memory.camera_online={cfg.memory.camera_online} needs memory.camera_aware=true (it acts "
+                          "on the camera proxies); add memory.camera_online=0 to turn both off")
     if cfg.memory.camera_aware and cfg.data.num_instances < 2:
         raise ConfigError("memory.camera_aware=true needs data.num_instances >= 2, so that a batch can hold one "
                           f"pseudo-identity's images from two cameras (got {cfg.data.num_instances})")

@@ -357,7 +357,8 @@ class Trainer:
         if share is not None and share < CAMERA_PURE_WARNING:
             switches = {"memory.camera_aware=true": self.cfg.memory.camera_aware,
                         "cluster.camera_norm=true": self.cfg.cluster.camera_norm,
-                        "cluster.associate=true": self.cfg.cluster.associate}
+                        "cluster.associate=true": self.cfg.cluster.associate,
+                        "memory.camera_online=1": self.cfg.memory.camera_online > 0}
             off = [name for name, on in switches.items() if not on]
             hint = " ".join(off) if off else "a longer schedule (the association needs trained features)"
             log.warning("epoch %d: only %.0f%% of the %d clusters span two or more cameras: the pseudo-labels are "
