@@ -56,8 +56,8 @@ class _ArgmaxClusters:
         return np.unique(labels, return_inverse=True)[1].ravel() - int((labels < 0).any())
 
 
-def _trainer(root: Path, out: Path) -> Trainer:
-    cfg = load_config("demo", [*TINY, f"data.root={root}"])
+def _trainer(root: Path, out: Path, *overrides: str) -> Trainer:
+    cfg = load_config("demo", [*TINY, f"data.root={root}", *overrides])
     model = _tiny_net()
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
@@ -141,3 +141,26 @@ def test_stopped_run_resumes_bit_identical_and_repairs_the_folder(demo, tmp_path
     for name in expected:
         assert torch.equal(final[name], expected[name]), name
     torch.testing.assert_close(again.memory.centroids, whole.memory.centroids, rtol=0, atol=0)
+
+
+def test_camera_aware_run_resumes_bit_identical(demo, tmp_path):
+    """With cluster.every=2 epoch 2 trains on the memories restored from the checkpoint (no
+    re-clustering): both must come back bit for bit, which rebuilding them through the constructors
+    (which re-normalise) did not."""
+    overrides = ("memory.camera_aware=true", "ise.foreign=same_camera", "cluster.every=2", "memory.camera_online=1")
+    whole = _trainer(demo, tmp_path / "whole", *overrides)
+    whole.run()
+    out = tmp_path / "stopped"
+    first = _trainer(demo, out, *overrides)
+    _stop_after_first_save(first)
+    with pytest.raises(_Stop):
+        first.run()
+    again = _trainer(demo, out, *overrides)
+    again.run()
+    assert len(again.cluster_fn.calls) == 0  # epoch 2 did not re-cluster
+    assert _records(out) == _records(tmp_path / "whole")
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+    assert torch.equal(again.memory.centroids, whole.memory.centroids)
+    for name, tensor in whole.camera_memory.state_dict().items():
+        assert torch.equal(again.camera_memory.state_dict()[name], tensor), name

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class CameraProxyMemory(nn.Module):
 
     Buffers (all persistent): ``proxies`` (P, D), ``proxy_labels`` (P,), ``proxy_cams`` (P,) and
     ``index`` (M, C) int64 with ``index[y, c]`` the proxy of pair (y, c), or -1 where there is none
-    (M = max label + 1, C = max camera + 1). To restore a memory, build it from the first three.
+    (M = max label + 1, C = max camera + 1). :meth:`from_state` restores a memory from its state_dict.
     """
 
     proxies: torch.Tensor
@@ -99,6 +100,20 @@ class CameraProxyMemory(nn.Module):
         sums = x.new_zeros(keys.numel(), x.shape[1]).index_add_(0, group, x)  # (P, D)
         counts = torch.bincount(group, minlength=keys.numel()).to(x.dtype)  # (P,)
         return cls(sums / counts.unsqueeze(1), keys // num_cams, keys % num_cams, **kwargs)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], **kwargs) -> "CameraProxyMemory":
+        """The memory whose :meth:`state_dict` was ``state``, rebuilt from its ``proxies`` (P, D),
+        ``proxy_labels`` (P,) and ``proxy_cams`` (P,) with the hyper-parameters ``kwargs`` (those of
+        ``__init__``); ``index`` follows from labels and cameras. The proxies are copied bit for bit.
+        KeyError / ValueError / TypeError on a bad ``state``."""
+        proxies = state["proxies"]
+        if not isinstance(proxies, torch.Tensor):
+            raise TypeError(f"proxies must be a tensor, got {type(proxies).__name__}")
+        memory = cls(proxies, state["proxy_labels"], state["proxy_cams"], **kwargs)
+        # __init__ re-normalises, which can move already unit rows by an ulp; a resumed run must not.
+        memory.proxies.copy_(proxies)
+        return memory
 
     @property
     def num_proxies(self) -> int:

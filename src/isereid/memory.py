@@ -9,6 +9,8 @@ centroids as they were before the update.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,19 @@ class ClusterMemory(nn.Module):
             missing = int(torch.nonzero(counts == 0)[0])
             raise ValueError(f"label {missing} has no sample; labels must be 0..M-1 without gaps")
         return cls(sums / counts.unsqueeze(1), **kwargs)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], **kwargs) -> "ClusterMemory":
+        """The memory whose :meth:`state_dict` was ``state`` ({"centroids": (M, D)}), with the
+        hyper-parameters ``kwargs`` (those of ``__init__``); the centres are copied bit for bit.
+        KeyError / ValueError / TypeError on a bad ``state``."""
+        centroids = state["centroids"]
+        if not isinstance(centroids, torch.Tensor):
+            raise TypeError(f"centroids must be a tensor, got {type(centroids).__name__}")
+        memory = cls(centroids, **kwargs)
+        # __init__ re-normalises, which can move already unit rows by an ulp; a resumed run must not.
+        memory.centroids.copy_(centroids)
+        return memory
 
     @property
     def num_clusters(self) -> int:

@@ -11,9 +11,13 @@
                          cluster (index.cluster_distances), from which `isereid serve` suggests a
                          "no match" threshold; written when the epoch clusters, before it trains
 
+:meth:`RunFolder.save_state` writes a :class:`~isereid.engine.training_state.TrainingState` and
+:meth:`RunFolder.load_state` reads it back; :func:`payload` and :func:`parse_state` are the one owner
+of the format of checkpoint_last.pt, and every read error is a CheckpointError naming file and key.
+
 Every file is written atomically, in that order, so a kill at any moment leaves complete files;
 what a kill between two writes leaves behind (a metrics line too many or too few, a stale best
-file, ``.*.tmp`` files) is repaired by :meth:`RunFolder.read_last` / :meth:`RunFolder.repair`.
+file, ``.*.tmp`` files) is repaired by :meth:`RunFolder.load_state` / :meth:`RunFolder.repair`.
 Only rank 0 touches the folder; the callers decide who calls.
 """
 from __future__ import annotations
@@ -26,12 +30,15 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from ..camera_memory import CameraProxyMemory
 from ..config import Config, to_dict
 from ..errors import CheckpointError, first_line
 from ..index import cluster_distances
+from ..memory import ClusterMemory
 from ..utils import atomic_path, atomic_write_text
 from . import checkpoint as ckpt
 from .records import EpochRecord
+from .training_state import TrainingState, camera_memory_kwargs, cluster_memory_kwargs
 
 # Config sections that must match for a run folder to be resumed.
 RESUME_MUST_MATCH = ("model", "data", "cluster", "memory", "ise", "optim")
@@ -74,35 +81,13 @@ class RunFolder:
             handler.close()
 
     # ------------------------------------------------------------------ writing
-    def save(self, cfg: Config, epoch: int, score: Optional[float], is_best: bool, *,
-             model: torch.nn.Module, optimizer, scheduler, scaler, memory=None, camera_memory=None,
-             pseudo_labels: Optional[np.ndarray] = None, best_score: float, best_epoch: int,
-             history: Sequence[EpochRecord], world_size: int = 1) -> None:
-        """checkpoint_last.pt, then metrics.jsonl, then model_best.pt when ``is_best``.
-        ``epoch`` is 1-based (the number of finished epochs); ``score`` its mAP or None."""
-        state = model.state_dict()
-        model_config = to_dict(cfg)["model"]
-        size = [cfg.data.height, cfg.data.width]
-        payload = ckpt.model_payload(state, model_config, epoch, score, size)
-        payload.update({
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "memory": memory.centroids.detach().cpu() if memory is not None else None,
-            "camera_memory": ({k: v.detach().cpu() for k, v in camera_memory.state_dict().items()}
-                              if camera_memory is not None else None),
-            "pseudo_labels": torch.as_tensor(pseudo_labels) if pseudo_labels is not None else None,
-            "best_score": best_score,
-            "best_epoch": best_epoch,
-            "history": [r.to_dict() for r in history],
-            "rng": ckpt.rng_state(),
-            "config": to_dict(cfg),
-            "world_size": world_size,
-        })
-        ckpt.save(self.last, payload)
-        self.write_metrics(history)
+    def save_state(self, cfg: Config, state: TrainingState, is_best: bool) -> None:
+        """checkpoint_last.pt (the :func:`payload` of ``state``), then metrics.jsonl, then
+        model_best.pt when ``is_best``."""
+        ckpt.save(self.last, payload(cfg, state))
+        self.write_metrics(state.history)
         if is_best:
-            ckpt.save(self.best, ckpt.model_payload(state, model_config, epoch, score, size))
+            ckpt.save(self.best, _model_payload(cfg, state.model, state.epoch, state.score))
 
     def write_labels(self, epoch: int, labels: np.ndarray, paths: Sequence[str], camids: np.ndarray,
                      features=None) -> Path:
@@ -137,60 +122,129 @@ class RunFolder:
 
     # ------------------------------------------------------------------ reading
     def read_last(self, cfg: Config) -> Optional[dict[str, Any]]:
-        """The contents of checkpoint_last.pt, or None when the folder has none. CheckpointError
+        """The raw contents of checkpoint_last.pt, or None when the folder has none. CheckpointError
         when it belongs to a run with different settings in :data:`RESUME_MUST_MATCH`."""
         path = self.last
         if not path.exists():
             return None
-        state = ckpt.load(path)
-        saved_cfg = state.get("config", {})
+        raw = ckpt.load(path)
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path} is not a training checkpoint (it holds a {type(raw).__name__})")
+        saved_cfg = raw.get("config")
+        if not isinstance(saved_cfg, dict):
+            raise CheckpointError(f"{path} has no usable key 'config'; it was not written by `isereid train`")
         current = to_dict(cfg)
         for section in RESUME_MUST_MATCH:
             if saved_cfg.get(section) != current[section]:
-                diff = sorted(k for k in current[section]
-                              if saved_cfg.get(section, {}).get(k) != current[section][k])
+                saved = saved_cfg.get(section) if isinstance(saved_cfg.get(section), dict) else {}
+                diff = sorted(k for k in current[section] if saved.get(k) != current[section][k])
                 keys = ", ".join(f"{section}.{k}" for k in diff)
                 raise CheckpointError(
                     f"{path} belongs to a run with different {section} settings ({keys}); "
                     "use a new --output-dir or the original settings"
                 )
-        return state
+        return raw
 
-    def load_into(self, state: dict, *, model: torch.nn.Module, optimizer, scheduler, scaler) -> None:
-        """Restore the model, optimizer, scheduler and scaler states of ``state`` (from read_last)."""
-        try:
-            model.load_state_dict(state["state_dict"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot resume from {self.last}: {first_line(e)}") from None
+    def load_state(self, cfg: Config) -> Optional[TrainingState]:
+        """The state saved in checkpoint_last.pt (memories on the CPU, history cut to its epoch), or None
+        when the folder has none. CheckpointError naming the file and the key for a missing or bad part."""
+        raw = self.read_last(cfg)
+        return None if raw is None else parse_state(raw, cfg, str(self.last))
 
-    @staticmethod
-    def history(state: dict) -> list[EpochRecord]:
-        """The records of the epochs ``state`` finished (lines of a later, unfinished epoch dropped)."""
-        return [EpochRecord.from_dict(r) for r in state["history"][: int(state["epoch"])]]
-
-    def repair(self, state: dict) -> None:
-        """Make the files agree with ``state`` (from read_last) after a kill between two writes:
+    def repair(self, cfg: Config, state: TrainingState) -> None:
+        """Make the files agree with ``state`` (from load_state) after a kill between two writes:
         rewrite a stale model_best.pt and metrics.jsonl."""
-        self._repair_best(state)
-        self.write_metrics(self.history(state))
+        self._repair_best(cfg, state)
+        self.write_metrics(state.history)
 
-    def _repair_best(self, state: dict) -> None:
+    def _repair_best(self, cfg: Config, state: TrainingState) -> None:
         """A kill between writing checkpoint_last.pt and model_best.pt leaves a stale best file."""
-        best_epoch = int(state["best_epoch"])
-        if best_epoch != int(state["epoch"]):
+        if state.best_epoch != state.epoch:
             return
         current_epoch = None
         if self.best.exists():
             try:
                 current_epoch = ckpt.load(self.best).get("epoch")
-            except CheckpointError:
+            except (CheckpointError, AttributeError):
                 current_epoch = None
-        if current_epoch != best_epoch:
-            ckpt.save(self.best, ckpt.model_payload(state["state_dict"], state["model_config"], state["epoch"],
-                                                    state.get("mAP"), state.get("input_size")))
+        if current_epoch != state.best_epoch:
+            ckpt.save(self.best, _model_payload(cfg, state.model, state.epoch, state.score))
+
+
+# ---------------------------------------------------------------------- the checkpoint format
+def _model_payload(cfg: Config, model_state: dict, epoch: int, score: Optional[float]) -> dict:
+    """model_best.pt, also the model part of checkpoint_last.pt."""
+    return ckpt.model_payload(model_state, to_dict(cfg)["model"], epoch, score, [cfg.data.height, cfg.data.width])
+
+
+def payload(cfg: Config, state: TrainingState) -> dict[str, Any]:
+    """The contents of checkpoint_last.pt: tensors and builtins only (``weights_only`` loads them).
+    The keys are those of the format before TrainingState ("memory" the (M, D) centroids,
+    "camera_memory" the proxy memory's state_dict), so files of earlier runs still resume."""
+    out = _model_payload(cfg, state.model, state.epoch, state.score)
+    memory = state.memory.state_dict()["centroids"].detach().cpu() if state.memory is not None else None
+    camera = ({k: v.detach().cpu() for k, v in state.camera_memory.state_dict().items()}
+              if state.camera_memory is not None else None)
+    out.update({
+        "optimizer": state.optimizer, "scheduler": state.scheduler, "scaler": state.scaler,
+        "memory": memory, "camera_memory": camera,
+        "pseudo_labels": torch.as_tensor(state.pseudo_labels) if state.pseudo_labels is not None else None,
+        "best_score": state.best_score, "best_epoch": state.best_epoch,
+        "history": [r.to_dict() for r in state.history], "rng": state.rng,
+        "config": to_dict(cfg), "world_size": state.world_size,
+    })
+    return out
+
+
+def _get(raw: dict, key: str, kinds: tuple, source: str, optional: bool = False) -> Any:
+    """``raw[key]`` when it is one of ``kinds`` (or None when ``optional``), else CheckpointError."""
+    if key not in raw:
+        raise CheckpointError(f"{source} has no key {key!r}; it was not written by `isereid train` or is damaged")
+    value = raw[key]
+    if (value is None and optional) or (isinstance(value, kinds) and not isinstance(value, bool)):
+        return value
+    raise CheckpointError(f"{source}: key {key!r} holds a {type(value).__name__}, not "
+                          f"{' or '.join(k.__name__ for k in kinds)}")
+
+
+def _memory(raw: dict, key: str, source: str, build) -> Any:
+    """``build(raw[key])`` (a memory's from_state), or None; CheckpointError naming the key."""
+    value = _get(raw, key, (torch.Tensor, dict), source, optional=True)
+    if value is None:
+        return None
+    try:
+        return build(value)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        what = f"{key}.{e.args[0]}" if isinstance(e, KeyError) and e.args else key
+        raise CheckpointError(f"{source}: key {what!r} is missing or unusable: {first_line(e)}") from None
+
+
+def parse_state(raw: dict, cfg: Config, source: str) -> TrainingState:
+    """The :class:`TrainingState` of checkpoint contents ``raw`` (read from ``source``) for a run of ``cfg``."""
+    mcfg = cfg.memory
+    epoch = _get(raw, "epoch", (int,), source)
+    rng = _get(raw, "rng", (dict,), source)
+    for part, kind in (("python", (tuple, list)), ("torch", torch.Tensor)):
+        if not isinstance(rng.get(part), kind):
+            raise CheckpointError(f"{source}: key 'rng.{part}' is missing or unusable")
+    labels = _get(raw, "pseudo_labels", (torch.Tensor,), source, optional=True)
+    try:
+        history = [EpochRecord.from_dict(r) for r in _get(raw, "history", (list,), source)[:epoch]]
+    except TypeError as e:
+        raise CheckpointError(f"{source}: key 'history' holds a bad record: {first_line(e)}") from None
+    return TrainingState(
+        epoch=epoch, score=_get(raw, "mAP", (float, int), source, optional=True),
+        model=_get(raw, "state_dict", (dict,), source), optimizer=_get(raw, "optimizer", (dict,), source),
+        scheduler=_get(raw, "scheduler", (dict,), source), scaler=_get(raw, "scaler", (dict,), source),
+        # an old file holds the bare (M, D) centroids under "memory"
+        memory=_memory(raw, "memory", source, lambda v: ClusterMemory.from_state(
+            v if isinstance(v, dict) else {"centroids": v}, **cluster_memory_kwargs(mcfg))),
+        camera_memory=_memory(raw, "camera_memory", source,
+                              lambda v: CameraProxyMemory.from_state(v, **camera_memory_kwargs(mcfg))),
+        pseudo_labels=labels.numpy().astype(np.int64) if labels is not None else None,
+        best_score=float(_get(raw, "best_score", (float, int), source)),
+        best_epoch=_get(raw, "best_epoch", (int,), source), history=history, rng=rng,
+        world_size=int(raw.get("world_size", 1)), source=source)
 
 
 def _same_paths(images: Path, paths: np.ndarray) -> bool:

@@ -51,6 +51,7 @@ from .evaluate import evaluate_model
 from .records import EpochRecord
 from .run_state import RunFolder
 from .step import StepParts, train_step
+from .training_state import TrainingState, camera_memory_kwargs, cluster_memory_kwargs
 
 log = logging.getLogger("isereid")
 
@@ -331,12 +332,11 @@ class Trainer:
         keep = labels >= 0
         self.memory = ClusterMemory.from_features(
             features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
-            temperature=cfg.memory.temperature, momentum=cfg.memory.momentum, mode=cfg.memory.mode,
-        )
+            **cluster_memory_kwargs(cfg.memory))
         if cfg.memory.camera_aware:
             self.camera_memory = CameraProxyMemory.from_features(
                 features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
-                torch.as_tensor(self.camids[keep], device=self.device), **self._camera_kwargs())
+                torch.as_tensor(self.camids[keep], device=self.device), **camera_memory_kwargs(cfg.memory))
         self.pseudo_labels = labels
         if self.ctx.is_main:  # labels/epoch_NNN.npz, what `isereid serve` shows
             self.run_folder.write_labels(epoch + 1, labels, paths, self.camids, features)
@@ -373,11 +373,6 @@ class Trainer:
         seen[torch.as_tensor(self.pseudo_labels[keep], device=self.device),
              torch.as_tensor(self.camids[keep], device=self.device)] = True
         return seen
-
-    def _camera_kwargs(self) -> dict:
-        m = self.cfg.memory
-        return {"temperature": m.camera_temperature, "momentum": m.camera_momentum,
-                "hard_negatives": m.camera_hard_negatives}
 
     def _label_counts(self) -> dict:
         labels = self.pseudo_labels
@@ -455,39 +450,39 @@ class Trainer:
             self.best_score = score if score is not None else self.best_score
             self.best_epoch = epoch + 1
         if self.ctx.is_main:
-            self.run_folder.save(
-                self.cfg, epoch + 1, score, is_best, model=self.model, optimizer=self.optimizer,
-                scheduler=self.scheduler, scaler=self.scaler, memory=self.memory, camera_memory=self.camera_memory,
-                pseudo_labels=self.pseudo_labels, best_score=self.best_score, best_epoch=self.best_epoch,
-                history=self.history, world_size=self.ctx.world_size)
+            self.run_folder.save_state(self.cfg, self.training_state(epoch + 1, score), is_best)
         self.ctx.barrier()
+
+    def training_state(self, epoch: int, score: Optional[float]) -> TrainingState:
+        """What a run needs to continue after 1-based ``epoch`` (with mAP ``score`` or None)."""
+        return TrainingState(
+            epoch=epoch, score=score, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), memory=self.memory,
+            camera_memory=self.camera_memory, pseudo_labels=self.pseudo_labels, best_score=self.best_score,
+            best_epoch=self.best_epoch, history=list(self.history), rng=ckpt.rng_state(),
+            world_size=self.ctx.world_size)
 
     def resume(self) -> None:
         """Continue from ``checkpoint_last.pt`` when the output folder has one."""
         folder = self.run_folder
         if self.ctx.is_main:
             folder.remove_stale_temp_files()
-        state = folder.read_last(self.cfg)
+        state = folder.load_state(self.cfg)
         if state is None:
             return
-        folder.load_into(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                         scaler=self.scaler)
-        self.start_epoch = int(state["epoch"])
-        self.best_score = float(state["best_score"])
-        self.best_epoch = int(state["best_epoch"])
-        self.history = folder.history(state)
-        if state.get("pseudo_labels") is not None and state.get("memory") is not None:
-            self.pseudo_labels = state["pseudo_labels"].numpy()
-            self.memory = ClusterMemory(state["memory"].to(self.device), temperature=self.cfg.memory.temperature,
-                                        momentum=self.cfg.memory.momentum, mode=self.cfg.memory.mode)
-        cam_state = state.get("camera_memory")
-        if cam_state is not None:
-            self.camera_memory = CameraProxyMemory(
-                cam_state["proxies"].to(self.device), cam_state["proxy_labels"].to(self.device),
-                cam_state["proxy_cams"].to(self.device), **self._camera_kwargs())
-        ckpt.set_rng_state(state["rng"])
+        state.restore(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        self.start_epoch = state.epoch
+        self.best_score = state.best_score
+        self.best_epoch = state.best_epoch
+        self.history = state.history
+        if state.pseudo_labels is not None and state.memory is not None:
+            self.pseudo_labels = state.pseudo_labels
+            self.memory = state.memory.to(self.device)
+        if state.camera_memory is not None:
+            self.camera_memory = state.camera_memory.to(self.device)
+        ckpt.set_rng_state(state.rng)
         if self.ctx.is_main:
-            folder.repair(state)  # a stale model_best.pt; metrics lines of an epoch that did not finish
+            folder.repair(self.cfg, state)  # a stale model_best.pt; metrics lines of an epoch that did not finish
         log.info("resumed from %s at epoch %d/%d", folder.last, self.start_epoch, self.cfg.optim.epochs)
 
     # ------------------------------------------------------------------ logging
