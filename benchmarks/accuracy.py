@@ -38,7 +38,7 @@ from isereid.utils import atomic_write_text
 
 # Plain ISE: every camera switch off, whatever the preset turns on.
 _PLAIN = ["memory.camera_aware=false", "memory.camera_online=0", "cluster.camera_norm=false",
-          "cluster.associate=false", "ise.foreign=any", "memory.cluster_weight=1.0"]
+          "cluster.associate=false", "cluster.camera_jaccard=false", "ise.foreign=any", "memory.cluster_weight=1.0"]
 _CAMERA = ["memory.camera_aware=true", "cluster.camera_norm=true"]
 VARIANTS = {
     "direct": None,
@@ -55,6 +55,11 @@ VARIANTS = {
     "preset_no_online": ["memory.camera_online=0"],
     "preset_online_nomerge": ["memory.camera_online=1", "cluster.associate=false"],
     "preset_online": ["memory.camera_online=1"],
+    # CA-Jaccard in the preset's clustering from the 4th epoch on (docs/camera_aware.md#ca-jaccard):
+    # own-camera lists of 5 (the paper's), shorter other-camera lists (3) and query expansion over
+    # 2 + 1 rows, since an other-camera ranking is the less reliable one.
+    "preset_ca_jaccard": ["cluster.camera_jaccard=true", "cluster.k1_intra=5", "cluster.k1_inter=3",
+                          "cluster.k2_intra=2", "cluster.k2_inter=1", "cluster.camera_jaccard_start=3"],
 }
 
 

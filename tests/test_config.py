@@ -192,3 +192,13 @@ def test_camera_online_needs_camera_aware_and_the_single_camera_hint_turns_both_
     assert switches["memory.camera_online=2"] == "memory.camera_online=0"
     off = load_config("demo", ["memory.camera_online=2", *switches.values()])  # the hint's overrides validate
     assert camera_switches_on(off) == {}
+
+
+def test_camera_jaccard_keys_validate_and_join_the_camera_switches():
+    from isereid.engine.trainer import camera_switches_on
+    cfg = load_config("demo", ["cluster.camera_jaccard=true", "cluster.k2_inter=0"])
+    assert cfg.cluster.camera_jaccard and cfg.cluster.k2_inter == 0
+    assert camera_switches_on(cfg)["cluster.camera_jaccard=true"] == "cluster.camera_jaccard=false"
+    for bad in ("cluster.k1_intra=0", "cluster.k1_inter=0", "cluster.k2_intra=0", "cluster.k2_inter=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config("demo", [bad])

@@ -87,6 +87,17 @@ class ClusterConfig:
     # cosine similarity >= associate_min_similarity (docs/camera_aware.md#association).
     associate: bool = False
     associate_min_similarity: float = 0.5
+    # CA-Jaccard (docs/camera_aware.md#ca-jaccard): k-reciprocal sets from each image's k1_intra nearest
+    # of its own camera (itself included) and k1_inter nearest of the other cameras, query expansion
+    # over k2_intra + k2_inter of them; k1 and k2 are then unused. Defaults: the CA-Jaccard paper's.
+    camera_jaccard: bool = False
+    k1_intra: int = 5
+    k1_inter: int = 20
+    k2_intra: int = 2
+    k2_inter: int = 4
+    # First epoch (0-based) clustered with CA-Jaccard; the plain Jaccard before it. The ImageNet
+    # features match a person across cameras at chance, so early other-camera lists are noise.
+    camera_jaccard_start: int = 0
 
 
 @dataclass
@@ -360,6 +371,11 @@ RANGES = {
     "ise.lambda_base": (0.0, None, "a number >= 0"),
     "ise.lp_weight": (0.0, None, "a number >= 0"),
     "memory.camera_online": (0, None, "an integer >= 0 (0 = off)"),
+    "cluster.k1_intra": (1, None, "an integer >= 1 (the image itself counts)"),
+    "cluster.k1_inter": (1, None, "an integer >= 1"),
+    "cluster.k2_intra": (1, None, "an integer >= 1 (the image itself counts; 1 with k2_inter=0: no query expansion)"),
+    "cluster.k2_inter": (0, None, "an integer >= 0"),
+    "cluster.camera_jaccard_start": (0, None, "an integer >= 0 (the first epoch, 0-based, that uses it)"),
     "memory.camera_online_weight": (0.0, None, "a number >= 0"),
 }
 

@@ -108,7 +108,12 @@ def query_expansion(v: sp.csr_matrix, ranking: np.ndarray, k2: int) -> sp.csr_ma
     than copying row ranking[i, 0], which differs from i when exact duplicates exist."""
     if k2 == 1:
         return v
-    top = ranking[:, :min(k2, ranking.shape[1])]
+    return mean_rows(v, ranking[:, :min(k2, ranking.shape[1])])
+
+
+def mean_rows(v: sp.csr_matrix, top: np.ndarray) -> sp.csr_matrix:
+    """Row i of the result = mean of the rows ``v[top[i]]`` (top: (N, Q) int64), summed in float32 in
+    ``top`` order and divided by Q, as ``np.mean``; CSR with sorted indices."""
     n, q = top.shape
     avg = sp.csr_matrix((np.ones(n * q, dtype=np.float32), top.ravel(), np.arange(0, n * q + 1, q)),
                         shape=(n, n))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,9 +48,7 @@ def jaccard_dbscan(features: ArrayLike, eps: float, k1: int = 30, k2: int = 6, m
     Returns:
         (N,) int64 labels: -1 for outliers, clusters numbered 0..C-1 in sklearn's order.
     """
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
-        raise InvalidArgument(f"eps must be a finite number > 0, got {eps!r}")
-    eps = float(eps)  # a Python float, as the reference passes: sklearn then compares in float32
+    eps = _check_eps(eps)
     min_samples = check_positive_int(min_samples, "min_samples")
     k1 = check_positive_int(k1, "k1")
     k2 = check_positive_int(k2, "k2")
@@ -80,8 +78,35 @@ def jaccard_dbscan_auto(features: ArrayLike, k1: int = 30, k2: int = 6, min_samp
         raise ClusteringError(f"all {x.shape[0]} feature rows are identical (a collapsed or constant model?): "
                               "nothing to cluster")
     v, _ = expanded_neighbourhoods(x, k1, k2, knn_backend=knn_backend)
-    choice = choose_eps(v, min_samples)
-    return _dbscan(upper_from_weights(v, choice.eps), choice.eps, min_samples), choice
+    labels, choice = neighbourhood_dbscan(v, "auto", min_samples)
+    assert choice is not None
+    return labels, choice
+
+
+def neighbourhood_dbscan(v: sp.csr_matrix, eps: Union[float, str], min_samples: int = 4
+                         ) -> Tuple[np.ndarray, Optional[ScaleChoice]]:
+    """DBSCAN on the Jaccard distances of the rows of a weight matrix V' (N, N) CSR with sorted indices,
+    e.g. from :func:`isereid.clustering.camera_jaccard.camera_expanded_neighbourhoods`.
+
+    ``eps`` is a radius or ``"auto"`` (:func:`isereid.clustering.scale.choose_eps` on V').
+    Returns labels (N,) int64 as :func:`jaccard_dbscan` and the ScaleChoice (None for a fixed eps)."""
+    min_samples = check_positive_int(min_samples, "min_samples")
+    choice = None
+    if eps == "auto":
+        choice = choose_eps(v, min_samples)
+        eps = choice.eps
+    eps = _check_eps(eps)
+    if bool(np.asarray([1.0], dtype=np.float32) <= eps):
+        n = v.shape[0]
+        return np.full(n, 0 if n >= min_samples else -1, dtype=np.int64), choice
+    return _dbscan(upper_from_weights(v, eps), eps, min_samples), choice
+
+
+def _check_eps(eps: object) -> float:
+    """``eps`` as a Python float (the reference passes one: sklearn then compares in float32), or InvalidArgument."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise InvalidArgument(f"eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
 
 
 def _dbscan(upper: sp.csr_matrix, eps: float, min_samples: int) -> np.ndarray:

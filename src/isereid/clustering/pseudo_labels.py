@@ -1,6 +1,7 @@
 """The pseudo-label pipeline of one epoch (docs/method.md#pseudo-labels, docs/camera_aware.md).
 
-    features (N, D) --camera_normalize?--> DBSCAN on Jaccard distances --associate_clusters?--> labels (N,)
+    features (N, D) --camera_normalize?--> DBSCAN on (camera-aware?) Jaccard distances
+                    --associate_clusters?--> labels (N,)
 
 Each step is its own public function; :func:`pseudo_labels` is the one place that chains them,
 so the trainer, the benchmarks and a user's script cluster alike.
@@ -17,7 +18,8 @@ import torch
 from ..errors import InvalidArgument
 from ..utils import ArrayLike
 from .camera import associate_clusters, camera_normalize
-from .dbscan import jaccard_dbscan, jaccard_dbscan_auto
+from .camera_jaccard import camera_expanded_neighbourhoods
+from .dbscan import jaccard_dbscan, jaccard_dbscan_auto, neighbourhood_dbscan
 from .scale import ScaleChoice
 
 __all__ = ["PseudoLabelSettings", "PseudoLabels", "pseudo_labels"]
@@ -30,6 +32,9 @@ class PseudoLabelSettings:
     eps: DBSCAN radius on the Jaccard distance, or ``"auto"`` (chosen from the features,
     docs/auto_eps.md). camera_norm: subtract each camera's mean feature first. associate: merge
     mutual-nearest clusters of disjoint cameras at cosine >= ``associate_min_similarity`` after DBSCAN.
+    camera_jaccard: build the Jaccard distance from own-camera and other-camera k-reciprocal lists
+    (k1_intra, k1_inter, query expansion over k2_intra + k2_inter rows) in place of k1 / k2
+    (:mod:`isereid.clustering.camera_jaccard`).
     """
 
     eps: Union[float, str] = 0.4
@@ -40,6 +45,11 @@ class PseudoLabelSettings:
     camera_norm: bool = False
     associate: bool = False
     associate_min_similarity: float = 0.5
+    camera_jaccard: bool = False
+    k1_intra: int = 5
+    k1_inter: int = 20
+    k2_intra: int = 2
+    k2_inter: int = 4
 
     @classmethod
     def of(cls, section: Any) -> "PseudoLabelSettings":
@@ -67,16 +77,21 @@ def pseudo_labels(features: ArrayLike, camids: Optional[ArrayLike],
                   settings: PseudoLabelSettings = PseudoLabelSettings()) -> PseudoLabels:
     """Pseudo-labels of ``features`` (N, D), rows L2-normalised, from cameras ``camids`` (N,) ints.
 
-    ``camids`` may be None when neither camera step is on. Steps: camera normalisation (when
-    ``settings.camera_norm``), DBSCAN on the k-reciprocal Jaccard distance, cross-camera
+    ``camids`` may be None when no camera step is on. Steps: camera normalisation (when
+    ``settings.camera_norm``), DBSCAN on the k-reciprocal Jaccard distance (camera-aware with
+    ``settings.camera_jaccard``), cross-camera
     association of the clusters (when ``settings.associate``), the latter on the features DBSCAN saw.
     """
-    if (settings.camera_norm or settings.associate) and camids is None:
-        raise InvalidArgument("camids are needed for camera_norm and associate")
+    if (settings.camera_norm or settings.associate or settings.camera_jaccard) and camids is None:
+        raise InvalidArgument("camids are needed for camera_norm, associate and camera_jaccard")
     if settings.camera_norm:
         features = camera_normalize(features, torch.as_tensor(camids))
     choice = None
-    if settings.eps == "auto":
+    if settings.camera_jaccard:
+        v = camera_expanded_neighbourhoods(features, camids, settings.k1_intra, settings.k1_inter,
+                                           settings.k2_intra, settings.k2_inter)
+        labels, choice = neighbourhood_dbscan(v, settings.eps, settings.min_samples)
+    elif settings.eps == "auto":
         labels, choice = jaccard_dbscan_auto(features, k1=settings.k1, k2=settings.k2,
                                              min_samples=settings.min_samples, knn_backend=settings.knn_backend)
     else:

@@ -16,6 +16,8 @@ global batch of features, so losses and memory equal the single-process ones).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import logging
 import math
@@ -59,17 +61,20 @@ log = logging.getLogger("isereid")
 CAMERA_PURE_WARNING = 0.2
 
 
-# (features (N, D) float tensor, camids (N,) int64) -> labels (N,) int64, -1 for outliers
-ClusterFn = Callable[[torch.Tensor, np.ndarray], np.ndarray]
+# (features (N, D) float tensor, camids (N,) int64, epoch (0-based)) -> labels (N,) int64, -1 for outliers
+ClusterFn = Callable[[torch.Tensor, np.ndarray, int], np.ndarray]
 
 
 def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
-    """The :data:`ClusterFn` of :func:`isereid.clustering.pseudo_labels` with the settings of ``cfg``;
+    """The :data:`ClusterFn` of :func:`isereid.clustering.pseudo_labels` with the settings of ``cfg``
+    (camera-aware Jaccard from epoch ``cfg.camera_jaccard_start`` on, the plain one before);
     after each call its ``scale`` attribute holds the epoch record's eps (and auto-eps choice)."""
     settings = PseudoLabelSettings.of(cfg)
+    warm_up = dataclasses.replace(settings, camera_jaccard=False)
 
-    def cluster(features: torch.Tensor, camids: np.ndarray) -> np.ndarray:
-        result = cluster_pseudo_labels(features, camids, settings)
+    def cluster(features: torch.Tensor, camids: np.ndarray, epoch: int = 0) -> np.ndarray:
+        chosen = settings if epoch >= cfg.camera_jaccard_start else warm_up
+        result = cluster_pseudo_labels(features, camids, chosen)
         cluster.scale = result.record()
         return result.labels
 
@@ -82,6 +87,7 @@ def camera_switches_on(cfg: Config) -> dict[str, str]:
     options = {"memory.camera_aware": (cfg.memory.camera_aware, "true", "false"),
                "cluster.camera_norm": (cfg.cluster.camera_norm, "true", "false"),
                "cluster.associate": (cfg.cluster.associate, "true", "false"),
+               "cluster.camera_jaccard": (cfg.cluster.camera_jaccard, "true", "false"),
                "ise.foreign": (cfg.ise.foreign == "same_camera", "same_camera", "any"),
                "memory.camera_online": (cfg.memory.camera_online > 0, str(cfg.memory.camera_online), "0")}
     return {f"{key}={on}": f"{key}={off}" for key, (active, on, off) in options.items() if active}
@@ -143,7 +149,7 @@ class Trainer:
 
         model: the bare network on ``dist_ctx.device`` (images -> L2-normalised features); it is wrapped
         in DistributedDataParallel here when ``dist_ctx`` is distributed. optimizer / scheduler: over its
-        parameters (``scheduler.step()`` once an epoch). cluster_fn: ``(features (N, D), camids (N,)) ->
+        parameters (``scheduler.step()`` once an epoch). cluster_fn: ``(features (N, D), camids (N,), epoch) ->
         labels (N,)`` with -1 for outliers, run on rank 0; default :func:`jaccard_clusterer` of
         ``cfg.cluster`` (unused with ``train.supervised``). writer: a TensorBoard SummaryWriter or None.
         scaler: a GradScaler, default one enabled for ``train.amp`` on CUDA.
@@ -288,7 +294,7 @@ class Trainer:
                 if cfg.train.supervised:  # the ceiling: true identities in place of pseudo-labels
                     labels = np.unique(self.true_pids, return_inverse=True)[1].astype(np.int64).ravel()
                 else:
-                    labels = self.cluster_fn(features, self.camids)
+                    labels = self.cluster_fn(features, self.camids, epoch)
             labels = np.asarray(self.ctx.broadcast_object(labels), dtype=np.int64)
         return self._install_labels(epoch, features, labels, paths)
 
