@@ -89,7 +89,7 @@ def test_camera_options_need_two_cameras(tmp_path):
     cfg = load_config("cpu", [*TINY, "model.pretrained=false", "model.arch=resnet18"])
     with pytest.raises(ConfigError) as err:
         Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())
-    hint = str(err.value).split("; set ", 1)[1].split()
+    hint = str(err.value).split("; add ", 1)[1].split(", or ")[0].split()
     assert sorted(hint) == ["cluster.associate=false", "cluster.camera_norm=false", "ise.foreign=any",
                             "memory.camera_aware=false", "memory.camera_online=0"]
     cfg = load_config("cpu", [*TINY, "model.pretrained=false", "model.arch=resnet18", *hint])
@@ -167,17 +167,20 @@ def test_supervised_uses_true_identities(tiny_demo, tmp_path):
 
 
 @pytest.mark.parametrize("switches,hint", [
-    (("false", "false", "false", "0"),
-     "try memory.camera_aware=true cluster.camera_norm=true cluster.associate=true memory.camera_online=1 ("),
-    (("true", "false", "false", "0"), "try cluster.camera_norm=true cluster.associate=true memory.camera_online=1 ("),
-    (("true", "true", "false", "1"), "try cluster.associate=true ("),
-    (("true", "true", "true", "0"), "try memory.camera_online=1 ("),
-    (("true", "true", "true", "1"), "try a longer schedule"),
+    (("false", "false", "false", "0", "any"),
+     "try memory.camera_aware=true cluster.camera_norm=true cluster.associate=true ise.foreign=same_camera "
+     "memory.camera_online=1 ("),
+    (("true", "false", "false", "0", "same_camera"),
+     "try cluster.camera_norm=true cluster.associate=true memory.camera_online=1 ("),
+    (("true", "true", "false", "1", "same_camera"), "try cluster.associate=true ("),
+    (("true", "true", "true", "0", "same_camera"), "try memory.camera_online=1 ("),
+    (("true", "true", "true", "1", "any"), "try ise.foreign=same_camera ("),
+    (("true", "true", "true", "1", "same_camera"), "try a longer schedule"),
 ])
 def test_camera_pure_warning(tiny_demo, tmp_path, caplog, switches, hint):
-    aware, norm, associate, online = switches
+    aware, norm, associate, online, foreign = switches
     trainer = _trainer(tiny_demo, tmp_path / "w", f"memory.camera_aware={aware}", f"cluster.camera_norm={norm}",
-                       f"cluster.associate={associate}", f"memory.camera_online={online}")
+                       f"cluster.associate={associate}", f"memory.camera_online={online}", f"ise.foreign={foreign}")
     labels = np.where(trainer.camids == 0, 0, 1)  # one cluster per camera (3 cameras -> 0 and 1)
     labels[trainer.camids == 2] = 2
     report = cluster_report(labels, cameras=trainer.camids)

@@ -104,7 +104,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             log.info("config: %s%s; run folder %s", _describe_config(args.config),
                      f" + {' '.join(args.overrides)}" if args.overrides else "", out)
             dataset = build_dataset(cfg.data.dataset, cfg.data.root)
-            _check_cameras(cfg, dataset)
             if ctx.enabled:
                 log.info("distributed: %d processes, global batch %d", ctx.world_size, cfg.data.batch_size)
             trainer = Trainer.from_config(cfg, dataset, out, ctx)  # seeds, drops unreadable images
@@ -143,24 +142,6 @@ def _make_output_dir(out: Path) -> Optional[Path]:
     except OSError as e:
         raise OutputError(f"cannot create the run folder {out}: {e.strerror or e}") from None
     return missing[-1] if missing else None
-
-
-def _check_cameras(cfg, dataset) -> None:
-    """Camera-aware switches need training images from two or more cameras: name the switches to
-    turn off, or how the dataset could tell the cameras apart."""
-    from .data.datasets import NO_CAMERAS_HINT
-    from .engine.trainer import camera_switches_on
-    from .errors import ConfigError
-
-    on = camera_switches_on(cfg)
-    cameras = {s.camid for s in dataset.train}
-    if on and len(cameras) < 2:
-        how = dataset.cameras_from.split(" (")[0]
-        raise ConfigError(
-            f"{', '.join(on)} need training images from two or more cameras, but every image of {dataset.name} "
-            f"is camera {min(cameras, default=0)} (cameras: {how}); add {' '.join(on.values())}, "
-            f"or {NO_CAMERAS_HINT}"
-        )
 
 
 def _finish_training(out: Path, history: list, best_epoch: int) -> None:

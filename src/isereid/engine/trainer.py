@@ -16,9 +16,8 @@ global batch of features, so losses and memory equal the single-process ones).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -36,7 +35,7 @@ from ..camera_memory import CameraProxyMemory
 from ..clustering import PseudoLabelSettings, cluster_report, mutual_share, nearest_other_camera, partition_warning
 from ..clustering import pseudo_labels as cluster_pseudo_labels
 from ..config import ClusterConfig, Config, to_yaml
-from ..data.datasets import ReidDataset
+from ..data.datasets import NO_CAMERAS_HINT, ReidDataset
 from ..data.images import ImageDataset, ResizedImageCache, drop_unreadable, name_paths
 from ..data.loader import make_loader
 from ..data.sampler import BatchListSampler, epoch_batches
@@ -81,16 +80,28 @@ def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
     return cluster
 
 
+def _camera_switches(cfg: Config) -> list[tuple[str, bool, str, str, bool]]:
+    """Every camera option: (key, on in ``cfg``, its "on" value to suggest or report, its off value,
+    whether the camera-pure warning suggests it: the options measured to help on real crops,
+    docs/camera_aware.md#measured)."""
+    online = cfg.memory.camera_online
+    return [("memory.camera_aware", cfg.memory.camera_aware, "true", "false", True),
+            ("cluster.camera_norm", cfg.cluster.camera_norm, "true", "false", True),
+            ("cluster.associate", cfg.cluster.associate, "true", "false", True),
+            ("cluster.camera_jaccard", cfg.cluster.camera_jaccard, "true", "false", False),
+            ("ise.foreign", cfg.ise.foreign == "same_camera", "same_camera", "any", True),
+            ("memory.camera_online", online > 0, str(online) if online > 0 else "1", "0", True)]
+
+
 def camera_switches_on(cfg: Config) -> dict[str, str]:
     """The camera options ``cfg`` turns on, as ``{"key=value": "key=<off value>"}`` (empty when none):
     each needs training images from two or more cameras."""
-    options = {"memory.camera_aware": (cfg.memory.camera_aware, "true", "false"),
-               "cluster.camera_norm": (cfg.cluster.camera_norm, "true", "false"),
-               "cluster.associate": (cfg.cluster.associate, "true", "false"),
-               "cluster.camera_jaccard": (cfg.cluster.camera_jaccard, "true", "false"),
-               "ise.foreign": (cfg.ise.foreign == "same_camera", "same_camera", "any"),
-               "memory.camera_online": (cfg.memory.camera_online > 0, str(cfg.memory.camera_online), "0")}
-    return {f"{key}={on}": f"{key}={off}" for key, (active, on, off) in options.items() if active}
+    return {f"{key}={on}": f"{key}={off}" for key, active, on, off, _ in _camera_switches(cfg) if active}
+
+
+def camera_switches_to_try(cfg: Config) -> list[str]:
+    """The helpful camera options ``cfg`` leaves off, as ``key=<on value>`` overrides."""
+    return [f"{key}={on}" for key, active, on, _, helps in _camera_switches(cfg) if helps and not active]
 
 
 def check_distributed_batch(cfg: Config, world: int) -> None:
@@ -111,9 +122,13 @@ def check_training_set(cfg: Config, dataset: ReidDataset) -> None:
     """ConfigError when ``cfg`` asks for what the training images of ``dataset`` cannot give (camera
     switches with a single camera id, ``train.supervised`` without identities); reads no image."""
     switches = camera_switches_on(cfg)
-    if switches and len({s.camid for s in dataset.train}) < 2:
-        raise ConfigError(f"{', '.join(switches)} need images from two or more cameras, but the training images "
-                          f"of {dataset.name} have a single camera id (or none); set {' '.join(switches.values())}")
+    cameras = {s.camid for s in dataset.train}
+    if switches and len(cameras) < 2:
+        how = dataset.cameras_from.split(" (")[0]
+        raise ConfigError(
+            f"{', '.join(switches)} need training images from two or more cameras, but every image of "
+            f"{dataset.name} is camera {min(cameras, default=0)} (cameras: {how}); add "
+            f"{' '.join(switches.values())}, or {NO_CAMERAS_HINT}")
     if cfg.train.supervised and not (dataset.train and all(s.pid >= 0 for s in dataset.train)):
         raise ConfigError("train.supervised=true needs identities in the training file names "
                           f"(dataset {dataset.name} has none)")
@@ -361,11 +376,7 @@ class Trainer:
             return
         share = report.cross_camera_clusters
         if share is not None and share < CAMERA_PURE_WARNING:
-            switches = {"memory.camera_aware=true": self.cfg.memory.camera_aware,
-                        "cluster.camera_norm=true": self.cfg.cluster.camera_norm,
-                        "cluster.associate=true": self.cfg.cluster.associate,
-                        "memory.camera_online=1": self.cfg.memory.camera_online > 0}
-            off = [name for name, on in switches.items() if not on]
+            off = camera_switches_to_try(self.cfg)
             hint = " ".join(off) if off else "a longer schedule (the association needs trained features)"
             log.warning("epoch %d: only %.0f%% of the %d clusters span two or more cameras: the pseudo-labels are "
                         "camera-pure, so training learns to match people within one camera, not across cameras; "
