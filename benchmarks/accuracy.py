@@ -60,6 +60,8 @@ VARIANTS = {
     # 2 + 1 rows, since an other-camera ranking is the less reliable one.
     "preset_ca_jaccard": ["cluster.camera_jaccard=true", "cluster.k1_intra=5", "cluster.k1_inter=3",
                           "cluster.k2_intra=2", "cluster.k2_inter=1", "cluster.camera_jaccard_start=3"],
+    # The preset with the learning rate falling linearly to lr / epochs over the run (budget-aware).
+    "preset_linear_lr": ["optim.scheduler=linear"],
 }
 
 

@@ -1,7 +1,9 @@
 """Config schema, presets and overrides."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -202,3 +204,33 @@ def test_camera_jaccard_keys_validate_and_join_the_camera_switches():
     for bad in ("cluster.k1_intra=0", "cluster.k1_inter=0", "cluster.k2_intra=0", "cluster.k2_inter=-1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config("demo", [bad])
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 10])
+def test_linear_schedule_runs_lr_times_remaining_share_each_epoch(epochs):
+    from isereid.engine.trainer import build_scheduler
+    cfg = load_config("demo", ["optim.scheduler=linear", f"optim.epochs={epochs}", "optim.lr=0.5"]).optim
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt)
+    seen = []
+    for _ in range(epochs):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [0.5 * (epochs - e) / epochs for e in range(epochs)]
+    np.testing.assert_allclose(seen, want, rtol=1e-6)
+    with pytest.raises(ConfigError, match="optim.scheduler"):
+        load_config("demo", ["optim.scheduler=cosine"])
+
+
+def test_step_schedule_is_the_reference_steplr():
+    from isereid.engine.trainer import build_scheduler
+    cfg = load_config("demo", ["optim.step_size=2", "optim.gamma=0.5", "optim.lr=1.0"]).optim
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [1.0, 1.0, 0.5, 0.5, 0.25]

@@ -145,6 +145,10 @@ class OptimConfig:
     weight_decay: float = 5e-4  # coupled L2, as torch.optim.Adam
     epochs: int = 70
     iters: int = 400  # iterations per epoch
+    # "step": StepLR (x gamma every step_size epochs), the reference's; "linear": the rate falls
+    # linearly from lr in the first epoch to lr / epochs in the last (gamma, step_size unused),
+    # the budget-aware schedule for short runs (docs/camera_aware.md#schedule).
+    scheduler: str = "step"
     step_size: int = 30
     gamma: float = 0.1
 
@@ -198,6 +202,8 @@ POOLINGS = ("avg", "gem")
 BN_MODES = ("chunk", "sync", "plain")
 
 # Each list has one source: the module that implements the choice (or the lines above).
+SCHEDULERS = ("step", "linear")
+
 CHOICES = {
     "data.dataset": DATASET_NAMES,
     "model.pooling": POOLINGS,
@@ -206,6 +212,7 @@ CHOICES = {
     "memory.mode": MEMORY_MODES,
     "ise.lp_negatives": NEGATIVES,
     "ise.foreign": FOREIGN,
+    "optim.scheduler": SCHEDULERS,
 }
 
 

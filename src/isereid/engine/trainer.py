@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..camera_memory import CameraProxyMemory
 from ..clustering import PseudoLabelSettings, cluster_report, mutual_share, nearest_other_camera, partition_warning
 from ..clustering import pseudo_labels as cluster_pseudo_labels
-from ..config import ClusterConfig, Config, to_yaml
+from ..config import ClusterConfig, Config, OptimConfig, to_yaml
 from ..data.datasets import NO_CAMERAS_HINT, ReidDataset
 from ..data.images import ImageDataset, ResizedImageCache, drop_unreadable, name_paths
 from ..data.loader import make_loader
@@ -78,6 +78,14 @@ def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
         return result.labels
 
     return cluster
+
+
+def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule ``cfg.scheduler`` names (stepped once an epoch)."""
+    if cfg.scheduler == "linear":  # lr, ..., lr / epochs: epoch e (0-based) runs at lr * (epochs - e) / epochs
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=1.0 / cfg.epochs,
+                                                 total_iters=max(1, cfg.epochs - 1))
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
 
 
 def _camera_switches(cfg: Config) -> list[tuple[str, bool, str, str, bool]]:
@@ -227,8 +235,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(trainable_parameters(model), lr=cfg.optim.lr,
                                      weight_decay=cfg.optim.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.optim.step_size, gamma=cfg.optim.gamma)
-        trainer = cls(cfg, dataset, output_dir, dist_ctx, model=model, optimizer=optimizer, scheduler=scheduler)
+        trainer = cls(cfg, dataset, output_dir, dist_ctx, model=model, optimizer=optimizer,
+                      scheduler=build_scheduler(cfg.optim, optimizer))
         if cfg.train.tensorboard and dist_ctx.is_main:  # after the checks: no tensorboard folder for a bad config
             trainer.writer = tensorboard_writer(trainer.out)
         return trainer
