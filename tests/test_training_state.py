@@ -123,3 +123,14 @@ def test_parts_that_do_not_fit_name_the_key(tmp_path):
         state.restore(model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
                       scaler=torch.amp.GradScaler("cpu", enabled=False))
     assert str(folder.last) in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [(3, (1, 2, 3), None), ("x", [], None), (3,), (3, list(range(624)), None)])
+def test_bad_python_rng_state_is_a_one_line_error(tmp_path, bad):
+    folder, _ = _saved(tmp_path)
+    raw = torch.load(folder.last, weights_only=True)
+    raw["rng"]["python"] = bad
+    torch.save(raw, folder.last)
+    with pytest.raises(CheckpointError, match=r"'rng.python'") as err:
+        folder.load_state(_cfg(tmp_path))
+    assert "\n" not in str(err.value) and str(folder.last) in str(err.value)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -219,6 +220,16 @@ def _memory(raw: dict, key: str, source: str, build) -> Any:
         raise CheckpointError(f"{source}: key {what!r} is missing or unusable: {first_line(e)}") from None
 
 
+def _python_rng_ok(state) -> bool:
+    """Whether ``random.setstate`` accepts ``state`` (checked on a private generator, so a bad state
+    is reported as a CheckpointError before anything is restored)."""
+    try:
+        random.Random().setstate((state[0], tuple(state[1]), state[2]))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+    return True
+
+
 def parse_state(raw: dict, cfg: Config, source: str) -> TrainingState:
     """The :class:`TrainingState` of checkpoint contents ``raw`` (read from ``source``) for a run of ``cfg``."""
     mcfg = cfg.memory
@@ -227,6 +238,8 @@ def parse_state(raw: dict, cfg: Config, source: str) -> TrainingState:
     for part, kind in (("python", (tuple, list)), ("torch", torch.Tensor)):
         if not isinstance(rng.get(part), kind):
             raise CheckpointError(f"{source}: key 'rng.{part}' is missing or unusable")
+    if not _python_rng_ok(rng["python"]):
+        raise CheckpointError(f"{source}: key 'rng.python' is not a state of Python's random module")
     labels = _get(raw, "pseudo_labels", (torch.Tensor,), source, optional=True)
     try:
         history = [EpochRecord.from_dict(r) for r in _get(raw, "history", (list,), source)[:epoch]]
