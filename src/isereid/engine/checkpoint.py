@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from ..models.loading import FORMAT, FORMAT_VERSION, model_payload
 from ..models.state_io import safe_load
 from ..utils import atomic_torch_save
 
-FORMAT = "isereid-checkpoint"
-FORMAT_VERSION = 1
+__all__ = ["FORMAT", "FORMAT_VERSION", "LAST", "BEST", "model_payload", "rng_state", "set_rng_state", "save", "load"]
+
 LAST = "checkpoint_last.pt"
 BEST = "model_best.pt"
 
@@ -36,21 +37,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def model_payload(model_state: dict, model_config: dict, epoch: int, score: Optional[float],
-                  input_size: Optional[list] = None) -> dict:
-    """The contents of ``model_best.pt`` (also the model part of the last checkpoint).
-    ``input_size`` = [H, W] the model was trained at (tools default to it)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "state_dict": model_state,
-        "model_config": model_config,
-        "epoch": epoch,
-        "mAP": score,
-        "input_size": input_size,
-    }
 
 
 def save(path: Path, payload: dict) -> None:

@@ -18,6 +18,26 @@ from .backbones import ARCHS
 from .reid import build_model
 from .state_io import extract_state_dict, load_state_strict, safe_load
 
+#: The model file's format (``model_best.pt``; also the model part of ``checkpoint_last.pt``). This
+#: module owns its keys: :func:`model_payload` writes them and :func:`load_model_and_meta` reads them.
+FORMAT = "isereid-checkpoint"
+FORMAT_VERSION = 1
+
+
+def model_payload(model_state: dict, model_config: dict, epoch: int, score: Optional[float],
+                  input_size: Optional[list] = None) -> dict:
+    """The contents of a model file: weights, the :class:`ModelConfig` as a dict, the 1-based epoch,
+    its evaluation mAP and ``input_size`` = [H, W] the model was trained at (tools default to it)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": model_state,
+        "model_config": model_config,
+        "epoch": epoch,
+        "mAP": score,
+        "input_size": input_size,
+    }
+
 
 def _stage_blocks(state: Mapping[str, torch.Tensor], stage: int) -> int:
     pattern = re.compile(rf"^base\.{stage}\.(\d+)\.")
