@@ -147,7 +147,7 @@ class OptimConfig:
     iters: int = 400  # iterations per epoch
     # "step": StepLR (x gamma every step_size epochs), the reference's; "linear": the rate falls
     # linearly from lr in the first epoch to lr / epochs in the last (gamma, step_size unused),
-    # the budget-aware schedule for short runs (docs/camera_aware.md#schedule).
+    # the budget-aware schedule for short runs (docs/method.md#schedule).
     scheduler: str = "step"
     step_size: int = 30
     gamma: float = 0.1
