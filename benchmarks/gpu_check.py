@@ -11,7 +11,8 @@ holds one object per check: ``{"status": "ok" | "failed" | "skipped", ...figures
 ``"error"`` (what broke, one line) or ``"reason"`` (why skipped, or which target was missed).
 With ``--device cuda`` a missed target fails its check; on the CPU the targets are only
 recorded. All command output goes to FILE.log next to FILE.json. Exit status 1 when any
-check failed, else 0.
+check failed, else 0. The subprocess, report and time-budget plumbing is in
+``benchmarks/gpu_harness.py``; each check here is a ``job_<name>(JobContext) -> result dict``.
 
 Checks (sizes for ``--device cuda``; the CPU mode shrinks them):
 
@@ -40,7 +41,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +50,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import gpu_harness
+from gpu_harness import (
+    Job,
+    JobContext,
+    check_targets,
+    child_env,
+    format_table,
+    one_line,
+    overall_status,
+    run_command,
+    run_job_here,
+    run_sections,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
 TESTS = ROOT / "tests"
 GIB = float(1 << 30)
 
@@ -101,23 +116,7 @@ TORCHRUN_OVERRIDES = ["optim.epochs=2", "optim.iters=3", "eval.every=0", "train.
                       "data.width=16", "data.pad=2", "cluster.eps=0.5"]
 
 
-# ============================================================================ pure helpers
-def one_line(text: object, limit: int = 300) -> str:
-    """The first non-empty line of ``text`` (an exception gets its type name), cut to ``limit``."""
-    if isinstance(text, BaseException):
-        body = str(text).strip().splitlines()
-        text = f"{type(text).__name__}: {body[0]}" if body else type(text).__name__
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    line = lines[0] if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def last_line(text: str, limit: int = 300) -> str:
-    """The last non-empty line of a command's output (where isereid prints its one-line error)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return one_line(lines[-1], limit) if lines else ""
-
-
+# ============================================================================ helpers of the checks
 def parse_junit(path: Path) -> Dict[str, Any]:
     """Counts of a pytest ``--junitxml`` report: tests, passed, failed, errors, skipped, plus the
     first line of each failure as ``problems``."""
@@ -139,156 +138,21 @@ def parse_junit(path: Path) -> Dict[str, Any]:
     return dict(counts, problems=problems)
 
 
-def check_targets(result: Dict[str, Any], targets: Sequence[tuple], enforce: bool) -> None:
-    """Record ``targets`` — (name, value, "<=" | ">=" | "<" | "==", limit) — in ``result["targets"]``;
-    with ``enforce`` a missed (or unmeasured) one turns an "ok" result into "failed" with a reason."""
-    ops: Dict[str, Callable[[Any, Any], bool]] = {"<=": lambda v, t: v <= t, ">=": lambda v, t: v >= t,
-                                                  "<": lambda v, t: v < t, "==": lambda v, t: v == t}
-    table, missed = {}, []
-    for name, value, op, limit in targets:
-        met = None if (value is None or not enforce) else bool(ops[op](value, limit))
-        table[name] = {"value": value, "target": f"{op} {limit}", "met": met}
-        if enforce and not met:
-            missed.append(f"{name} {value} (target {op} {limit})")
-    result["targets"] = table
-    if not enforce:
-        result["targets_note"] = "targets apply to --device cuda; CPU figures are only recorded"
-    elif missed and result.get("status") == "ok":
-        result["status"] = "failed"
-        result["reason"] = "target missed: " + "; ".join(missed)
-
-
-def overall_status(report: Dict[str, Dict[str, Any]]) -> str:
-    """"failed" if any check failed, else "ok"."""
-    return "failed" if any(r.get("status") == "failed" for r in report.values()) else "ok"
-
-
-def format_table(report: Dict[str, Dict[str, Any]]) -> str:
-    """A plain-text table: check, status, seconds, summary; reason or error below."""
-    lines = [f"{'check':<19}{'status':<9}{'seconds':>8}  summary", "-" * 100]
-    for name, r in report.items():
-        secs = r.get("seconds")
-        secs_text = f"{secs:8.1f}" if isinstance(secs, (int, float)) else f"{'':8}"
-        lines.append(f"{name:<19}{r.get('status', '?'):<9}{secs_text}  {r.get('summary', '')}")
-        for key in ("reason", "error"):
-            if r.get(key):
-                lines.append(f"{'':36}{key}: {r[key]}")
-    lines.append("-" * 100)
-    lines.append(f"overall: {overall_status(report)}")
-    return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file beside ``path``, fsync, rename. (Not isereid.utils: the report
-    must be written even when isereid cannot be imported.)"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """This environment for a subprocess, PYTHONPATH made absolute (children may change folder)."""
-    env = dict(os.environ)
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("ISEREID_FAILPOINT", None)
-    env.update(extra or {})
-    return env
-
-
-def run_command(cmd: Sequence[str], log: Path, timeout: float, env: Optional[Dict[str, str]] = None,
-                cwd: Path = ROOT) -> Dict[str, Any]:
-    """Run ``cmd`` in its own process group, output appended to ``log``; past ``timeout`` the
-    group gets SIGTERM, then SIGKILL. Returns rc, seconds, timed_out and the output's last line."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(str(c) for c in cmd)}\n")
-        f.flush()
-        start_pos = f.tell()
-        started = time.perf_counter()
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or child_env(), stdout=f,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        timed_out = False
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-            rc = proc.returncode
-    with open(log) as f:
-        f.seek(start_pos)
-        tail = f.read()[-20000:]
-    return {"rc": rc, "seconds": round(time.perf_counter() - started, 2), "timed_out": timed_out,
-            "last_line": last_line(tail), "output_tail": tail}
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group (torchrun then stops its workers), SIGKILL after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def run_job(name: str, job_args: Dict[str, Any], log: Path, timeout: float,
-            launcher: Sequence[str] = ()) -> Dict[str, Any]:
-    """Run ``job_<name>`` of this script in a subprocess (optionally under ``launcher``, e.g.
-    torchrun) and return its result dict; a crash or time-out becomes a "failed" result."""
-    fd, result_path = tempfile.mkstemp(prefix=f"{name}_", suffix=".json", dir=job_args["workdir"])
-    os.close(fd)
-    job_args = dict(job_args, deadline=time.time() + timeout - 3)
-    cmd = [*(launcher or [sys.executable]), str(Path(__file__).resolve()), "--job", name,
-           "--job-args", json.dumps(job_args), "--result", result_path]
-    run = run_command(cmd, log, timeout)
-    try:
-        text = Path(result_path).read_text()
-        result = json.loads(text) if text.strip() else None
-    except (OSError, ValueError):
-        result = None
-    finally:
-        Path(result_path).unlink(missing_ok=True)
-    if result is None:
-        why = (f"timed out after {timeout:.0f} s" if run["timed_out"]
-               else f"exit status {run['rc']}: {run['last_line'] or 'no output'}")
-        result = {"status": "failed", "error": why}
-    result.setdefault("seconds", run["seconds"])
-    return result
-
-
-def time_left(job_args: Dict[str, Any]) -> float:
-    return job_args["deadline"] - time.time()
-
-
 # ============================================================================ jobs (subprocesses)
 def _sizes(a: Dict[str, Any], key: str) -> Dict[str, Any]:
-    return SIZES[a["mode"]][key]
+    return SIZES[a.mode][key]
 
 
-def _log(a: Dict[str, Any]) -> Path:
-    return Path(a["log"])
+def run_job(name: str, ctx: JobContext, timeout: float, launcher: Sequence[str] = ()) -> Dict[str, Any]:
+    """Run ``job_<name>`` of this script in a subprocess (see :func:`gpu_harness.run_job`)."""
+    return gpu_harness.run_job(SCRIPT, name, ctx, timeout, launcher)
 
 
 def ensure_demo(a: Dict[str, Any], which: str) -> Path:
     """The demo dataset ``which`` (see DEMOS) under the work folder, written on first use."""
     from isereid.data import generate_demo_data
 
-    root = Path(a["workdir"]) / f"demo_{which}"
+    root = a.workdir / f"demo_{which}"
     generate_demo_data(root, **DEMOS[which])
     return root
 
@@ -304,7 +168,7 @@ def _gib(n_bytes: float) -> float:
     return round(n_bytes / GIB, 3)
 
 
-def job_environment(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_environment(a: JobContext) -> Dict[str, Any]:
     import platform
 
     import numpy
@@ -316,7 +180,7 @@ def job_environment(a: Dict[str, Any]) -> Dict[str, Any]:
     import isereid
 
     info: Dict[str, Any] = {
-        "status": "ok", "mode": a["mode"], "python": platform.python_version(), "platform": platform.platform(),
+        "status": "ok", "mode": a.mode, "python": platform.python_version(), "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "numpy": numpy.__version__, "scipy": scipy.__version__, "scikit_learn": sklearn.__version__,
@@ -338,17 +202,17 @@ def job_environment(a: Dict[str, Any]) -> Dict[str, Any]:
     if torch.cuda.is_available():
         summary += f", {info['device_name']} ({info['gpu_memory_gib']:.0f} GiB), CUDA {torch.version.cuda}"
     info["summary"] = summary
-    if a["device"] == "cuda" and not torch.cuda.is_available():
+    if a.device == "cuda" and not torch.cuda.is_available():
         info.update(status="failed", error="--device cuda but torch.cuda.is_available() is False")
     return info
 
 
-def job_cuda_tests(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_cuda_tests(a: JobContext) -> Dict[str, Any]:
     def pytest_run(tag: str, extra_env: Dict[str, str], timeout: float) -> Dict[str, Any]:
-        junit = Path(a["workdir"]) / f"cuda_tests_{tag}.xml"
+        junit = a.workdir / f"cuda_tests_{tag}.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={junit}",
                str(TESTS / "test_cuda.py")]
-        run = run_command(cmd, _log(a), timeout, env=child_env(extra_env))
+        run = run_command(cmd, a.log, timeout, env=child_env(extra_env))
         if run["timed_out"]:
             raise RuntimeError(f"pytest ({tag}) timed out after {timeout:.0f} s")
         if not junit.exists():
@@ -357,18 +221,18 @@ def job_cuda_tests(a: Dict[str, Any]) -> Dict[str, Any]:
 
     if not (TESTS / "test_cuda.py").is_file():
         return {"status": "failed", "error": f"{TESTS / 'test_cuda.py'} not found (the tests folder must travel along)"}
-    main = pytest_run("device", {}, time_left(a) * (0.95 if a["device"] == "cuda" else 0.4))
+    main = pytest_run("device", {}, a.time_left() * (0.95 if a.device == "cuda" else 0.4))
     result: Dict[str, Any] = {"status": "ok", "counts": {k: main[k] for k in ("tests", "passed", "failed", "errors",
                                                                              "skipped")}}
     bad = main["problems"]
-    if a["device"] == "cuda":
+    if a.device == "cuda":
         result["summary"] = f"{main['passed']}/{main['tests']} passed, {main['skipped']} skipped"
         if bad or main["failed"] or main["errors"] or main["skipped"] or main["passed"] == 0:
             result["status"] = "failed"
             result["reason"] = "; ".join(bad[:5]) or f"{main['skipped']} skipped, {main['passed']} passed"
         return result
     # CPU: the CUDA tests skip; the same comparisons CPU against CPU prove the test code.
-    self_check = pytest_run("cpu_vs_cpu", {"ISEREID_CUDA_TEST_DEVICE": "cpu"}, time_left(a) - 5)
+    self_check = pytest_run("cpu_vs_cpu", {"ISEREID_CUDA_TEST_DEVICE": "cpu"}, a.time_left() - 5)
     result["cpu_vs_cpu"] = {k: self_check[k] for k in ("tests", "passed", "failed", "errors", "skipped")}
     bad = bad + self_check["problems"]
     result["summary"] = (f"no CUDA: {main['skipped']}/{main['tests']} skipped; CPU-vs-CPU "
@@ -465,11 +329,11 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
-def job_train_speed(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_train_speed(a: JobContext) -> Dict[str, Any]:
     import torch
 
     s = _sizes(a, "train_speed")
-    device = torch.device(a["device"])
+    device = torch.device(a.device)
     model = _build_model(s, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(s["batch"], 3, s["height"], s["width"], generator=g).to(device)
@@ -502,11 +366,11 @@ def job_train_speed(a: Dict[str, Any]) -> Dict[str, Any]:
     if device.type == "cuda":
         result["summary"] += f", peak {result['amp']['ise_peak_gib']:.1f}/{result['fp32']['ise_peak_gib']:.1f} GiB"
     check_targets(result, [("fp32 ratio", result["fp32"]["ratio"], "<=", 1.15),
-                           ("amp ratio", result["amp"]["ratio"], "<=", 1.15)], enforce=a["device"] == "cuda")
+                           ("amp ratio", result["amp"]["ratio"], "<=", 1.15)], enforce=a.device == "cuda")
     return result
 
 
-def job_loader_throughput(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_loader_throughput(a: JobContext) -> Dict[str, Any]:
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
@@ -515,7 +379,7 @@ def job_loader_throughput(a: Dict[str, Any]) -> Dict[str, Any]:
     from isereid.data import BatchListSampler, ImageDataset, build_dataset, build_train_transform, epoch_batches
 
     s = _sizes(a, "loader")
-    device = torch.device(a["device"])
+    device = torch.device(a.device)
     started = time.perf_counter()
     root = ensure_demo(a, s["demo"])
     demo_seconds = time.perf_counter() - started
@@ -574,7 +438,7 @@ def job_loader_throughput(a: Dict[str, Any]) -> Dict[str, Any]:
     }
     result["summary"] = (f"epoch {epoch_rate:.0f} img/s vs bare {bare_rate:.0f} img/s ({epoch_rate / bare_rate:.2f}); "
                          f"loader alone {loader_rate:.0f} img/s, {workers} workers")
-    check_targets(result, [("ratio", result["ratio"], ">=", 0.85)], enforce=a["device"] == "cuda")
+    check_targets(result, [("ratio", result["ratio"], ">=", 0.85)], enforce=a.device == "cuda")
     return result
 
 
@@ -599,7 +463,7 @@ def clustered_features(n: int, dim: int, seed: int, device: str = "cpu"):
     return out
 
 
-def job_clustering_size(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_clustering_size(a: JobContext) -> Dict[str, Any]:
     import logging
     import resource
 
@@ -607,7 +471,7 @@ def job_clustering_size(a: Dict[str, Any]) -> Dict[str, Any]:
 
     from isereid.clustering import jaccard_dbscan
 
-    n, dim, device = a["n"], a["dim"], torch.device(a["device"])
+    n, dim, device = a.params["n"], a.params["dim"], torch.device(a.device)
     messages: List[str] = []
 
     class Keep(logging.Handler):
@@ -617,12 +481,12 @@ def job_clustering_size(a: Dict[str, Any]) -> Dict[str, Any]:
     logger = logging.getLogger("isereid")
     logger.addHandler(Keep(logging.DEBUG))
     logger.setLevel(logging.DEBUG)
-    eps = a["eps"]
-    jaccard_dbscan(clustered_features(200, dim, 1, a["device"]), eps=eps)  # warm-up: CUDA context, kernels
+    eps = a.params["eps"]
+    jaccard_dbscan(clustered_features(200, dim, 1, a.device), eps=eps)  # warm-up: CUDA context, kernels
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
-    x = clustered_features(n, dim, 0, a["device"])
+    x = clustered_features(n, dim, 0, a.device)
     _sync(device)
     make_s = time.perf_counter() - t
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -630,7 +494,7 @@ def job_clustering_size(a: Dict[str, Any]) -> Dict[str, Any]:
     labels = jaccard_dbscan(x, eps=eps, k1=30, k2=6, min_samples=4)
     seconds = time.perf_counter() - t
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"status": "ok", "n": n, "dim": dim, "device": a["device"], "seconds": round(seconds, 2),
+    result = {"status": "ok", "n": n, "dim": dim, "device": a.device, "seconds": round(seconds, 2),
               "features_seconds": round(make_s, 2), "clusters": int(labels.max()) + 1,
               "outliers": int((labels < 0).sum()), "features_gib": _gib(n * dim * 4),
               "host_peak_rss_gib": _gib(peak_rss), "host_rss_growth_gib": _gib(peak_rss - base_rss),
@@ -640,25 +504,25 @@ def job_clustering_size(a: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def job_clustering_identity(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_clustering_identity(a: JobContext) -> Dict[str, Any]:
     import numpy as np
     from sklearn.metrics import adjusted_rand_score
 
     from isereid.clustering import exact_knn, jaccard_dbscan
 
-    n, dim = a["n"], a["dim"]
+    n, dim = a.params["n"], a.params["dim"]
     x = clustered_features(n, dim, 2, "cpu")
-    x_dev = x.to(a["device"])
-    jaccard_dbscan(x_dev[:200], eps=a["eps"])  # warm-up
+    x_dev = x.to(a.device)
+    jaccard_dbscan(x_dev[:200], eps=a.params["eps"])  # warm-up
     times, labels = {}, {}
     for name, feats in (("cpu", x), ("device", x_dev)):
         t = time.perf_counter()
-        labels[name] = jaccard_dbscan(feats, eps=a["eps"], k1=30, k2=6, min_samples=4)
+        labels[name] = jaccard_dbscan(feats, eps=a.params["eps"], k1=30, k2=6, min_samples=4)
         times[name] = round(time.perf_counter() - t, 3)
     knn_same = bool(np.array_equal(exact_knn(x, 30)[1], exact_knn(x_dev, 30)[1]))
     same = bool(np.array_equal(labels["cpu"], labels["device"]))
     result = {"status": "ok" if same else "failed", "n": n, "dim": dim,
-              "compared": f"cpu vs {a['device']}", "labels_identical": same, "knn_identical": knn_same,
+              "compared": f"cpu vs {a.device}", "labels_identical": same, "knn_identical": knn_same,
               "differing_labels": int((labels["cpu"] != labels["device"]).sum()),
               "adjusted_rand": round(float(adjusted_rand_score(labels["cpu"], labels["device"])), 6),
               "clusters": int(labels["cpu"].max()) + 1, "cpu_seconds": times["cpu"], "device_seconds": times["device"]}
@@ -668,13 +532,12 @@ def job_clustering_identity(a: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def job_clustering_scale(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_clustering_scale(a: JobContext) -> Dict[str, Any]:
     s = _sizes(a, "clustering")
-    cuda = a["device"] == "cuda"
+    cuda = a.device == "cuda"
     result: Dict[str, Any] = {"status": "ok", "eps": s["eps"], "k1": 30, "k2": 6, "min_samples": 4}
     n, dim = s["identity"]
-    identity = run_job("clustering_identity", dict(a, n=n, dim=dim, eps=s["eps"]), _log(a),
-                       min(180.0, time_left(a) - 5))
+    identity = run_job("clustering_identity", a.with_params(n=n, dim=dim, eps=s["eps"]), min(180.0, a.time_left() - 5))
     result["identity"] = identity
     targets, parts = [], []
     if identity.get("status") != "ok":
@@ -685,13 +548,13 @@ def job_clustering_scale(a: Dict[str, Any]) -> Dict[str, Any]:
                      else f"{n // 1000}k: {identity['differing_labels']} labels differ")
     for n, dim, target_s in s["sizes"]:
         key = f"{n}x{dim}"
-        left = time_left(a) - 2
+        left = a.time_left() - 2
         if left < MIN_START_S:
             result[key] = {"status": "skipped", "reason": "time budget spent"}
             continue
         # time out a little after the target: past it the figure has failed anyway
         limit = min(left, target_s * 1.2 + 60) if (cuda and target_s) else left
-        entry = run_job("clustering_size", dict(a, n=n, dim=dim, eps=s["eps"]), _log(a), limit)
+        entry = run_job("clustering_size", a.with_params(n=n, dim=dim, eps=s["eps"]), limit)
         result[key] = entry
         if entry.get("status") != "ok":
             result["status"] = "failed"
@@ -710,13 +573,13 @@ def job_clustering_scale(a: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def job_backend(a: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def job_backend(a: JobContext) -> Optional[Dict[str, Any]]:
     """Under torchrun: a process group with the backend isereid picks for the device (NCCL on
     CUDA, gloo on the CPU), one all_reduce and one all_gather."""
     import torch
     import torch.distributed as dist
 
-    cuda = a["device"] == "cuda"
+    cuda = a.device == "cuda"
     backend = "nccl" if cuda else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -748,28 +611,28 @@ def _metrics_epochs(out: Path) -> List[int]:
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def job_torchrun(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_torchrun(a: JobContext) -> Dict[str, Any]:
     import torch
 
     s = _sizes(a, "torchrun")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     result: Dict[str, Any] = {"status": "ok", "launcher": "python -m torch.distributed.run --nproc_per_node=1"}
-    backend = run_job("backend", dict(a), _log(a), min(90.0, time_left(a) - 5), launcher=launcher)
+    backend = run_job("backend", a, min(90.0, a.time_left() - 5), launcher=launcher)
     result["process_group"] = backend
     root = ensure_demo(a, "small")
-    out = Path(a["workdir"]) / "torchrun_run"
+    out = a.workdir / "torchrun_run"
     train = [*launcher, "-m", "isereid", "train", "--config", "demo", "--data-root", str(root), "--output-dir",
-             str(out), *TORCHRUN_OVERRIDES, f"data.workers={s['workers']}", f"device={a['device']}"]
+             str(out), *TORCHRUN_OVERRIDES, f"data.workers={s['workers']}", f"device={a.device}"]
     iters = 3  # optim.iters above
     kill_at = iters + 2  # epoch 2, second iteration: after epoch 1's checkpoint
-    killed = run_command(train, _log(a), min(s["timeout"], time_left(a) - 5),
+    killed = run_command(train, a.log, min(s["timeout"], a.time_left() - 5),
                          env=child_env({"ISEREID_FAILPOINT": f"iteration:{kill_at}"}))
     ckpt_epoch = None
     if (out / "checkpoint_last.pt").exists():
         ckpt_epoch = int(torch.load(out / "checkpoint_last.pt", map_location="cpu", weights_only=True)["epoch"])
     result["killed_run"] = {"rc": killed["rc"], "seconds": killed["seconds"], "timed_out": killed["timed_out"],
                             "checkpoint_epoch": ckpt_epoch, "metrics_epochs": _metrics_epochs(out)}
-    resumed = run_command(train, _log(a), min(s["timeout"], time_left(a) - 2))
+    resumed = run_command(train, a.log, min(s["timeout"], a.time_left() - 2))
     log_text = (out / "train.log").read_text() if (out / "train.log").exists() else ""
     epochs = _metrics_epochs(out)
     result["resumed_run"] = {"rc": resumed["rc"], "seconds": resumed["seconds"], "timed_out": resumed["timed_out"],
@@ -797,25 +660,25 @@ def job_torchrun(a: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def job_real_data(a: Dict[str, Any]) -> Dict[str, Any]:
+def job_real_data(a: JobContext) -> Dict[str, Any]:
     from isereid.config import preset_names
 
     s = _sizes(a, "real")
     preset = s["preset"]
-    if a["mode"] == "cpu" and "cpu" in preset_names():
+    if a.mode == "cpu" and "cpu" in preset_names():
         preset = "cpu"
-    pretrained = a.get("pretrained_path")
+    pretrained = a.pretrained_path
     model_args = ([f"model.pretrained_path={os.path.abspath(pretrained)}", "model.pretrained=true"] if pretrained
                   else ["model.pretrained=false", "cluster.eps=0.6"])  # a random backbone needs the demo's radius
-    options = ["--config", preset, "--data-root", os.path.abspath(a["data_root"])]
-    overrides = ["data.dataset=market1501", "train.progress=false", f"device={a['device']}", *s["overrides"],
+    options = ["--config", preset, "--data-root", os.path.abspath(a.data_root)]
+    overrides = ["data.dataset=market1501", "train.progress=false", f"device={a.device}", *s["overrides"],
                  *model_args]  # after every --option: argparse takes one run of positionals
-    out = Path(a["workdir"]) / "real_data"
+    out = a.workdir / "real_data"
     result: Dict[str, Any] = {"status": "ok", "preset": preset, "pretrained": bool(pretrained),
-                              "data_root": a["data_root"]}
+                              "data_root": a.data_root}
     test_json = out / "direct.json"
     test = run_command([sys.executable, "-m", "isereid", "test", *options, "--json", str(test_json), *overrides],
-                       _log(a), min(s["test_timeout"], time_left(a) - 5))
+                       a.log, min(s["test_timeout"], a.time_left() - 5))
     direct = {"rc": test["rc"], "seconds": test["seconds"]}
     if test["rc"] == 0 and test_json.exists():
         direct.update({k: round(v, 4) for k, v in json.loads(test_json.read_text()).items()})
@@ -826,7 +689,7 @@ def job_real_data(a: Dict[str, Any]) -> Dict[str, Any]:
     train_cmd = [sys.executable, "-m", "isereid", "train", *options, "--output-dir", str(run_dir), *overrides,
                  f"optim.epochs={s['epochs']}", f"optim.iters={s['iters']}", "eval.every=1",
                  "train.tensorboard=false"]
-    train = run_command(train_cmd, _log(a), min(s["train_timeout"], time_left(a) - 2))
+    train = run_command(train_cmd, a.log, min(s["train_timeout"], a.time_left() - 2))
     trained: Dict[str, Any] = {"rc": train["rc"], "seconds": train["seconds"], "epochs": s["epochs"],
                                "iters": s["iters"]}
     records = []
@@ -852,28 +715,12 @@ def job_real_data(a: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-JOBS: Dict[str, Callable[[Dict[str, Any]], Optional[Dict[str, Any]]]] = {
+JOBS: Dict[str, Job] = {
     "environment": job_environment, "cuda_tests": job_cuda_tests, "train_speed": job_train_speed,
     "loader_throughput": job_loader_throughput, "clustering_scale": job_clustering_scale,
     "clustering_size": job_clustering_size, "clustering_identity": job_clustering_identity,
     "torchrun": job_torchrun, "real_data": job_real_data, "backend": job_backend,
 }
-
-
-def _run_job_here(name: str, job_args: Dict[str, Any], result_path: str) -> int:
-    """Child side: run one job, write its result (or a one-line error) as JSON."""
-    started = time.perf_counter()
-    try:
-        result = JOBS[name](job_args)
-    except Exception as e:  # noqa: BLE001 - any failure of a check is a result, not a crash
-        import traceback
-
-        traceback.print_exc()
-        result = {"status": "failed", "error": one_line(e)}
-    if result is not None:
-        result.setdefault("seconds", round(time.perf_counter() - started, 2))
-        write_json_atomic(Path(result_path), result)
-    return 0
 
 
 # ============================================================================ main
@@ -907,35 +754,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.job:
-        return _run_job_here(args.job, json.loads(args.job_args), args.result)
+        return run_job_here(JOBS, args.job, args.job_args, args.result)
     output = Path(args.output)
     log = output.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     budget = args.budget_s or DEFAULT_BUDGET[args.device]
-    deadline = time.time() + budget
     workdir = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     wanted = args.sections.split(",")
-    job_args = {"device": args.device, "mode": args.device, "workdir": str(workdir), "log": str(log),
-                "data_root": args.data_root and os.path.abspath(args.data_root),
-                "pretrained_path": args.pretrained_path and os.path.abspath(args.pretrained_path)}
-    report: Dict[str, Dict[str, Any]] = {}
+    ctx = JobContext(device=args.device, mode=args.device, workdir=workdir, log=log,
+                     data_root=args.data_root and os.path.abspath(args.data_root),
+                     pretrained_path=args.pretrained_path and os.path.abspath(args.pretrained_path))
+
+    def skip(name: str) -> Optional[Dict[str, Any]]:
+        if name == "real_data" and not args.data_root:
+            return {"status": "skipped", "summary": "no --data-root",
+                    "reason": "no --data-root given (e.g. a copy of CUHK03 crops in Market layout)"}
+        return None
+
     started = time.time()
     print(f"gpu_check --device {args.device}: report {output}, log {log}, budget {budget:.0f} s", flush=True)
     try:
-        for name in (s for s in SECTIONS if s in wanted):
-            left = deadline - time.time()
-            if left < MIN_START_S:
-                report[name] = {"status": "skipped", "reason": f"time budget ({budget:.0f} s) spent"}
-            elif name == "real_data" and not args.data_root:
-                report[name] = {"status": "skipped", "summary": "no --data-root",
-                                "reason": "no --data-root given (e.g. a copy of CUHK03 crops in Market layout)"}
-            else:
-                report[name] = run_job(name, job_args, log, min(CAPS[name], left))
-            r = report[name]
-            print(f"[{time.time() - started:6.1f} s] {name:<18} {r['status']:<8} {r.get('summary', '')}"
-                  + (f"  ({r.get('reason') or r.get('error')})" if r["status"] != "ok" else ""), flush=True)
-            write_json_atomic(output, report)
+        report = run_sections(SCRIPT, [s for s in SECTIONS if s in wanted], ctx, output, budget=budget, caps=CAPS,
+                              min_start_s=MIN_START_S, skip=skip)
     finally:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)

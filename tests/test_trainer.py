@@ -17,10 +17,12 @@ from isereid.config import load_config
 from isereid.data.datasets import build_dataset
 from isereid.distributed import DistContext
 from isereid.engine.records import EpochRecord
+from isereid.engine.run_log import epoch_scalars
 from isereid.engine.trainer import Trainer
 from isereid.models import trainable_parameters
 from isereid.models.reid import ReidNet
 from isereid.utils import seed_everything
+from test_run_log import FakeWriter
 
 TINY = ["optim.epochs=2", "optim.iters=2", "eval.every=1", "data.workers=0", "train.progress=false",
         "train.tensorboard=false", "data.batch_size=32", "data.height=32", "data.width=16", "data.pad=2",
@@ -164,3 +166,14 @@ def test_camera_aware_run_resumes_bit_identical(demo, tmp_path):
     assert torch.equal(again.memory.centroids, whole.memory.centroids)
     for name, tensor in whole.camera_memory.state_dict().items():
         assert torch.equal(again.camera_memory.state_dict()[name], tensor), name
+
+
+def test_the_writer_gets_the_iteration_and_epoch_scalars(demo, tmp_path):
+    trainer = _trainer(demo, tmp_path / "tb", "train.log_every=1")
+    writer = trainer.writer = FakeWriter()
+    history = trainer.run()
+    train = [(tag, step) for tag, _, step in writer.scalars if tag.startswith("train/")]
+    assert {step for _, step in train} == {0, 1, 2, 3} and ("train/interpolation_weight", 3) in train
+    epochs = [(tag, value, step) for tag, value, step in writer.scalars if not tag.startswith("train/")]
+    assert epochs == [(tag, value, r.epoch) for r in history for tag, value in epoch_scalars(r)]
+    assert writer.closed and writer.flushed == 2

@@ -134,7 +134,7 @@ def test_auto_eps_goes_into_the_record_and_the_progress_line(tiny_demo, tmp_path
     line = EpochRecord(epoch=1, loss=1.0, loss_cc=1.0, loss_lp=0.0, lr=0.1, seconds=1.0, interpolation_weight=0.0,
                        **record)
     with caplog.at_level(logging.INFO, logger="isereid"):
-        trainer._log_epoch(line)
+        trainer.run_log.epoch(line)
     assert f"eps {eps:.3f} (auto, {100 * scale['core_share']:.0f}% core)" in caplog.text
 
 

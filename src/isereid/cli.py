@@ -449,6 +449,7 @@ Results go to stdout; progress and logs to stderr. Errors: one line, exit status
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``isereid`` command line: one sub-command parser from each ``_<command>_parser`` below."""
     parser = Parser(
         prog="isereid", description="Unsupervised person re-identification with Implicit Sample Extension (ISE).",
         epilog=EPILOG)
@@ -456,7 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # in this order in `isereid --help`
+    for add in (_demo_data_parser, _train_parser, _test_parser, _extract_parser, _search_parser, _export_parser,
+                _plot_parser, _weights_parser, _index_parser, _serve_parser):
+        add(sub, common)
+    return parser
 
+
+def _demo_data_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo-data", parents=[common], help="write a synthetic dataset in Market-1501 layout",
                        description="Write a synthetic, learnable dataset in Market-1501 layout\n"
                                    "(ROOT/bounding_box_train, ROOT/bounding_box_test, ROOT/query).")
@@ -465,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cameras", type=int, default=6, help="number of cameras")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same images")
 
+
+def _train_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("train", parents=[common], help="train a model without labels (ISE)",
                        description="Train without identity labels. --config is required: `demo` for the demo\n"
                                    "data, `cpu` for real crops on a CPU, `market1501` / `msmt17` (the reference\n"
@@ -475,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "there")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) to launch through torchrun")
 
+
+def _test_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("test", parents=[common], help="evaluate a checkpoint (or a backbone) on query/gallery")
     p.add_argument("--checkpoint", help="isereid .pt or released ISE / Cluster Contrast .pth.tar (default: none, "
                                         "evaluate the configured backbone as is)")
@@ -486,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "--visualize-dir", dest="visualize_dir", default="ranklists", metavar="DIR",
                    help="folder for the --visualize pictures")
 
+
+def _extract_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("extract", parents=[common], help="write features of a dataset or an image folder to .npz")
     p.add_argument("--checkpoint", required=True, help="model file (.pt or .pth.tar)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -496,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .npz (features, paths, pids, camids, splits)")
     _runtime_args(p)
 
+
+def _search_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("search", parents=[common], help="rank a gallery folder for query images; draw the rank list")
     p.add_argument("--checkpoint", required=True, help="model file (.pt or .pth.tar)")
     p.add_argument("--query", required=True, nargs="+", metavar="IMG", help="one or more query images")
@@ -508,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="preset or YAML giving the input size")
     _runtime_args(p)
 
+
+def _export_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[common], help="export a checkpoint to ONNX, verified with onnxruntime")
     p.add_argument("--checkpoint", required=True, help="model file (.pt or .pth.tar)")
     p.add_argument("--format", choices=["onnx"], default="onnx",
@@ -520,9 +538,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest absolute feature difference allowed between onnxruntime and PyTorch")
 
+
+def _plot_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plot", parents=[common], help="draw training curves of a run folder")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl")
     p.add_argument("--output", metavar="FILE", help="PNG to write (default: RUN_DIR/curves.png)")
+
+
+def _weights_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("weights", parents=[common], help="backbone weight files")
     wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     w = wsub.add_parser("import", parents=[common],
@@ -531,11 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("src", metavar="SRC", help="weights file to convert")
     w.add_argument("--arch", required=True, help="model.arch the weights are for, e.g. mobilenet_v2")
     w.add_argument("--output", required=True, metavar="FILE", help="state dict to write (.pt)")
-    _index_and_serve_parsers(sub, common)
-    return parser
 
 
-def _index_and_serve_parsers(sub, common: argparse.ArgumentParser) -> None:
+def _index_parser(sub, common: argparse.ArgumentParser) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("index", parents=[common], help="a persistent gallery index: extract once, search often")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -556,7 +577,9 @@ def _index_and_serve_parsers(sub, common: argparse.ArgumentParser) -> None:
                                          ("--device", str, "auto", "cpu, cuda, cuda:1 or auto")):
         a.add_argument(option, type=kind, default=default, help=text)
 
-    p = sub.add_parser("serve", parents=[common], formatter_class=fmt,
+
+def _serve_parser(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("serve", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="browse a run's pseudo-identities and search a gallery in a web browser")
     p.add_argument("run_dir", metavar="RUN_DIR", help="training run folder (checkpoint and labels/)")
     p.add_argument("--index", metavar="IDX", default=None,

@@ -251,109 +251,149 @@ def _pattern(canvas: _Canvas, sl: tuple, ident: Identity, ph: float, y0: float, 
     return np.where(sel[..., None], ident.top2, ident.top)
 
 
-def _render(ident: Identity, cam: Camera, canvas: _Canvas, rng: np.random.Generator, track: dict) -> np.ndarray:
-    height, width = canvas.yy.shape
-    # ---- per-image geometry and pose
+@dataclass(frozen=True)
+class Pose:
+    """Where the person of one image stands and the size of its body parts, in pixels (rows grow down)."""
+
+    ph: float  # person height
+    cx: float  # column of the body's centre line
+    view: int  # 0 front, 1 back, 2 side
+    facing: int  # -1 / +1: the way a side view looks
+    stride: float  # horizontal foot offset of a leg from its hip
+    swing: float  # horizontal hand offset of an arm from its shoulder
+    head_r: float
+    head_cy: float
+    shoulder: float  # row of the shoulders
+    waist: float
+    hip: float
+    feet: float
+    tw: float  # torso half-width
+    leg_w: float
+    leg_sep: float  # distance between the two legs' centre lines
+    arm_w: float
+    arm_len: float
+    shoe_h: float
+
+
+def _pose(ident: Identity, cam: Camera, rng: np.random.Generator, track: dict, height: int, width: int) -> Pose:
+    """The body geometry of one frame of ``track``; draws five numbers from ``rng``."""
     scale = cam.scale * ident.height * track["scale"] * float(rng.uniform(0.97, 1.03))
     ph = min(scale * height, height - 2.0)
     bottom = min(height - 1.0, height * 0.97 + track["dy"] + float(rng.uniform(-1.5, 1.5)))
     top = bottom - ph
     cx = width / 2 + track["dx"] + float(rng.uniform(-0.03, 0.03)) * width
-    view = track["view"]  # 0 front, 1 back, 2 side
+    view = track["view"]
     stride = float(rng.uniform(-1, 1)) * (0.16 if view == 2 else 0.06) * ph
     swing = float(rng.uniform(-1, 1)) * (0.1 if view == 2 else 0.03) * ph
-    # ---- background window
-    oy = int(rng.integers(0, cam.background.shape[0] - height + 1))
-    ox = int(rng.integers(0, cam.background.shape[1] - width + 1))
-    img = cam.background[oy:oy + height, ox:ox + width].copy()
-
     head_r = ident.head * ph
-    head_cy = top + head_r
     shoulder = top + 2 * head_r + 0.015 * ph
     waist = shoulder + ident.torso * ph
-    feet = bottom
     tw = ident.build * ph * (0.62 if view == 2 else 1.0)
     leg_w = 0.058 * ph * (1.15 if view == 2 else 1.0)
-    arm_w = 0.042 * ph
-    arm_len = 0.34 * ph
-    shoe_h = 0.035 * ph
-    hip = waist + 0.04 * ph
-    leg_sep = 0.0 if view == 2 else max(tw - leg_w * 1.05, leg_w * 0.55)
+    return Pose(
+        ph=ph, cx=cx, view=view, facing=track["facing"], stride=stride, swing=swing,
+        head_r=head_r, head_cy=top + head_r, shoulder=shoulder, waist=waist, hip=waist + 0.04 * ph, feet=bottom,
+        tw=tw, leg_w=leg_w, leg_sep=0.0 if view == 2 else max(tw - leg_w * 1.05, leg_w * 0.55),
+        arm_w=0.042 * ph, arm_len=0.34 * ph, shoe_h=0.035 * ph,
+    )
 
-    def paint(alpha, colour):
-        _paint(img, alpha, colour)
 
-    # long hair behind the body in front view
-    if ident.long_hair and view == 0:
-        paint(canvas.rect(head_cy, shoulder + 0.09 * ph, cx - head_r * 1.15, cx + head_r * 1.15), ident.hair)
-    # backpack seen from the side sticks out behind the torso
-    if ident.bag == 1 and view == 2:
-        back = -track["facing"]
-        paint(canvas.rect(shoulder + 0.02 * ph, waist - 0.04 * ph, cx + back * (tw + 0.1 * ph) - 0.07 * ph,
-                          cx + back * (tw + 0.1 * ph) + 0.07 * ph), ident.bag_colour)
-    # legs (trousers / shorts / skin), shoes
+def _draw_behind(img: np.ndarray, canvas: _Canvas, ident: Identity, p: Pose) -> None:
+    """What the body hides partly: long hair in front view, a backpack seen from the side."""
+    if ident.long_hair and p.view == 0:
+        _paint(img, canvas.rect(p.head_cy, p.shoulder + 0.09 * p.ph, p.cx - p.head_r * 1.15, p.cx + p.head_r * 1.15),
+               ident.hair)
+    if ident.bag == 1 and p.view == 2:
+        back = -p.facing
+        _paint(img, canvas.rect(p.shoulder + 0.02 * p.ph, p.waist - 0.04 * p.ph,
+                                p.cx + back * (p.tw + 0.1 * p.ph) - 0.07 * p.ph,
+                                p.cx + back * (p.tw + 0.1 * p.ph) + 0.07 * p.ph), ident.bag_colour)
+
+
+def _draw_legs(img: np.ndarray, canvas: _Canvas, ident: Identity, p: Pose) -> None:
+    """Legs (trousers, shorts or skin), shoes, then the skirt or the hips."""
+    ph, waist = p.ph, p.waist
     lower_colour = ident.bottom if ident.bottom_kind == 0 else ident.skin
-    for side, s in ((-1, stride), (1, -stride)):
-        xc0 = cx + side * leg_sep * 0.5 * (1 if view != 2 else 0)
-        leg = canvas.slanted_rect(waist, feet - shoe_h * 0.5, xc0, xc0 + s, leg_w / 2)
-        paint(leg, lower_colour)
+    for side, s in ((-1, p.stride), (1, -p.stride)):
+        xc0 = p.cx + side * p.leg_sep * 0.5 * (1 if p.view != 2 else 0)
+        _paint(img, canvas.slanted_rect(waist, p.feet - p.shoe_h * 0.5, xc0, xc0 + s, p.leg_w / 2), lower_colour)
         if ident.bottom_kind == 1:  # shorts
-            paint(canvas.slanted_rect(waist, waist + 0.14 * ph, xc0, xc0 + s * 0.3, leg_w / 2 + 0.5), ident.bottom)
-        paint(canvas.rect(feet - shoe_h, feet, xc0 + s - leg_w * 0.6, xc0 + s + leg_w * 0.6), ident.shoes)
+            _paint(img, canvas.slanted_rect(waist, waist + 0.14 * ph, xc0, xc0 + s * 0.3, p.leg_w / 2 + 0.5),
+                   ident.bottom)
+        _paint(img, canvas.rect(p.feet - p.shoe_h, p.feet, xc0 + s - p.leg_w * 0.6, xc0 + s + p.leg_w * 0.6),
+               ident.shoes)
     if ident.bottom_kind == 2:  # skirt
-        paint(canvas.trapezoid(waist - 0.01 * ph, waist + 0.2 * ph, cx, tw * 0.95, tw * 1.35), ident.bottom)
+        _paint(img, canvas.trapezoid(waist - 0.01 * ph, waist + 0.2 * ph, p.cx, p.tw * 0.95, p.tw * 1.35), ident.bottom)
     else:  # hips
-        paint(canvas.rect(waist - 0.01 * ph, hip, cx - tw * 0.95, cx + tw * 0.95), ident.bottom)
-    # arms: sleeve then skin
+        _paint(img, canvas.rect(waist - 0.01 * ph, p.hip, p.cx - p.tw * 0.95, p.cx + p.tw * 0.95), ident.bottom)
+
+
+def _draw_arm(img: np.ndarray, canvas: _Canvas, ident: Identity, p: Pose, x0: float, sw: float) -> None:
+    """One arm from the shoulder at column ``x0``, the hand ``sw`` to the side: skin, then the sleeve."""
     sleeve = 1.0 if ident.long_sleeves else 0.38
-    arm_sides = (-1, 1) if view != 2 else (track["facing"],)
-    for side in arm_sides:
-        x0 = cx + side * (tw + arm_w * 0.45) if view != 2 else cx
-        sw = swing if side < 0 else -swing
-        arm = canvas.slanted_rect(shoulder + 0.01 * ph, shoulder + arm_len, x0, x0 + sw, arm_w / 2)
-        paint(arm, ident.skin)
-        paint(canvas.slanted_rect(shoulder + 0.01 * ph, shoulder + arm_len * sleeve, x0, x0 + sw * sleeve,
-                                  arm_w / 2 + 0.3), ident.top)
-    # torso with its pattern
-    torso = canvas.trapezoid(shoulder, waist + 0.01 * ph, cx, tw * 1.05, tw * 0.92)
-    paint(torso, _pattern(canvas, torso.sl, ident, ph, shoulder, view))
-    if view == 2:  # the near arm over the torso in side view
-        arm = canvas.slanted_rect(shoulder + 0.01 * ph, shoulder + arm_len, cx, cx - swing, arm_w / 2)
-        paint(arm, ident.skin)
-        paint(canvas.slanted_rect(shoulder + 0.01 * ph, shoulder + arm_len * sleeve, cx, cx - swing * sleeve,
-                                  arm_w / 2 + 0.3), ident.top)
-    # bags
+    y0 = p.shoulder + 0.01 * p.ph
+    _paint(img, canvas.slanted_rect(y0, p.shoulder + p.arm_len, x0, x0 + sw, p.arm_w / 2), ident.skin)
+    _paint(img, canvas.slanted_rect(y0, p.shoulder + p.arm_len * sleeve, x0, x0 + sw * sleeve, p.arm_w / 2 + 0.3),
+           ident.top)
+
+
+def _draw_upper_body(img: np.ndarray, canvas: _Canvas, ident: Identity, p: Pose) -> None:
+    """The far arms, the torso with its pattern and, in side view, the near arm over it."""
+    for side in ((-1, 1) if p.view != 2 else (p.facing,)):
+        x0 = p.cx + side * (p.tw + p.arm_w * 0.45) if p.view != 2 else p.cx
+        _draw_arm(img, canvas, ident, p, x0, p.swing if side < 0 else -p.swing)
+    torso = canvas.trapezoid(p.shoulder, p.waist + 0.01 * p.ph, p.cx, p.tw * 1.05, p.tw * 0.92)
+    _paint(img, torso, _pattern(canvas, torso.sl, ident, p.ph, p.shoulder, p.view))
+    if p.view == 2:
+        _draw_arm(img, canvas, ident, p, p.cx, -p.swing)
+
+
+def _draw_bag(img: np.ndarray, canvas: _Canvas, ident: Identity, p: Pose) -> None:
+    """A backpack (its body from behind, its straps from the front) or a handbag at the hip."""
+    ph, cx, tw = p.ph, p.cx, p.tw
     if ident.bag == 1:
-        if view == 1:
-            paint(canvas.rect(shoulder + 0.02 * ph, waist - 0.03 * ph, cx - tw * 0.8, cx + tw * 0.8), ident.bag_colour)
-        elif view == 0:
+        if p.view == 1:
+            _paint(img, canvas.rect(p.shoulder + 0.02 * ph, p.waist - 0.03 * ph, cx - tw * 0.8, cx + tw * 0.8),
+                   ident.bag_colour)
+        elif p.view == 0:
             for side in (-1, 1):
-                paint(canvas.rect(shoulder, shoulder + 0.16 * ph, cx + side * tw * 0.55 - 1, cx + side * tw * 0.55 + 1),
-                      ident.bag_colour)
+                _paint(img, canvas.rect(p.shoulder, p.shoulder + 0.16 * ph, cx + side * tw * 0.55 - 1,
+                                        cx + side * tw * 0.55 + 1), ident.bag_colour)
     elif ident.bag == 2:
-        side = ident.bag_side * (-1 if view == 1 else 1)
-        bx = cx + side * (tw + arm_w + 0.02 * ph)
-        paint(canvas.rect(waist - 0.05 * ph, waist + 0.08 * ph, bx - 0.055 * ph, bx + 0.055 * ph), ident.bag_colour)
-    # neck, head, hair
-    paint(canvas.rect(shoulder - 0.03 * ph, shoulder + 0.01 * ph, cx - head_r * 0.4, cx + head_r * 0.4), ident.skin)
-    head_x = cx + (track["facing"] * head_r * 0.15 if view == 2 else 0.0)
-    paint(canvas.ellipse(head_cy, head_x, head_r, head_r * 0.8), ident.skin if view != 1 else ident.hair)
-    if view != 1:
+        side = ident.bag_side * (-1 if p.view == 1 else 1)
+        bx = cx + side * (tw + p.arm_w + 0.02 * ph)
+        _paint(img, canvas.rect(p.waist - 0.05 * ph, p.waist + 0.08 * ph, bx - 0.055 * ph, bx + 0.055 * ph),
+               ident.bag_colour)
+
+
+def _draw_head(img: np.ndarray, canvas: _Canvas, ident: Identity, p: Pose) -> None:
+    """Neck, head (the back of it is hair) and hair."""
+    ph, cx, head_r, head_cy = p.ph, p.cx, p.head_r, p.head_cy
+    _paint(img, canvas.rect(p.shoulder - 0.03 * ph, p.shoulder + 0.01 * ph, cx - head_r * 0.4, cx + head_r * 0.4),
+           ident.skin)
+    head_x = cx + (p.facing * head_r * 0.15 if p.view == 2 else 0.0)
+    _paint(img, canvas.ellipse(head_cy, head_x, head_r, head_r * 0.8), ident.skin if p.view != 1 else ident.hair)
+    if p.view != 1:
         cap_y = head_cy - head_r * 0.35
         hair = canvas.ellipse(head_cy - head_r * 0.1, head_x, head_r * 1.02, head_r * 0.84)
-        hair = hair * (canvas.yy[hair.sl] < cap_y)
-        paint(hair, ident.hair)
-    if ident.long_hair and view == 1:
-        paint(canvas.rect(head_cy, shoulder + 0.1 * ph, cx - head_r * 0.95, cx + head_r * 0.95), ident.hair)
-    # occluder (another pedestrian's arm, a pole, a bin) in some frames
+        _paint(img, hair * (canvas.yy[hair.sl] < cap_y), ident.hair)
+    if ident.long_hair and p.view == 1:
+        _paint(img, canvas.rect(head_cy, p.shoulder + 0.1 * ph, cx - head_r * 0.95, cx + head_r * 0.95), ident.hair)
+
+
+def _draw_occluder(img: np.ndarray, canvas: _Canvas, rng: np.random.Generator, track: dict) -> None:
+    """In some frames another pedestrian's arm, a pole or a bin covers one side of the image."""
+    height, width = canvas.yy.shape
     if rng.random() < track["occlusion"]:
         side = 1 if rng.random() < 0.5 else -1
         ow = float(rng.uniform(0.12, 0.3)) * width
         oy0 = float(rng.uniform(0.3, 0.7)) * height
         x0 = width - ow if side > 0 else 0.0
-        paint(canvas.rect(oy0, height + 1, x0, x0 + ow), _random_colour(rng) * 0.8)
+        _paint(img, canvas.rect(oy0, height + 1, x0, x0 + ow), _random_colour(rng) * 0.8)
 
-    # ---- camera: illumination, tint, blur, noise
+
+def _camera_look(img: np.ndarray, cam: Camera, rng: np.random.Generator, track: dict) -> np.ndarray:
+    """The camera's illumination, tint, blur and noise over the drawn scene; uint8 pixels."""
     gain = cam.gain * track["gain"] * float(rng.uniform(0.94, 1.06))
     img = img * (gain * cam.tint)
     if track["flip"]:
@@ -365,6 +405,21 @@ def _render(ident: Identity, cam: Camera, canvas: _Canvas, rng: np.random.Genera
     arr = np.asarray(out, dtype=np.float32)
     arr = arr + cam.noise * rng.standard_normal(size=arr.shape, dtype=np.float32)
     return np.clip(arr + 0.5, 0, 255).astype(np.uint8)
+
+
+def _render(ident: Identity, cam: Camera, canvas: _Canvas, rng: np.random.Generator, track: dict) -> np.ndarray:
+    """One image of ``ident`` seen by ``cam`` in the current frame of ``track``; the draws from ``rng``
+    come in a fixed order (pose, background window, occluder, camera), so a seed gives the same pixels."""
+    height, width = canvas.yy.shape
+    pose = _pose(ident, cam, rng, track, height, width)
+    oy = int(rng.integers(0, cam.background.shape[0] - height + 1))
+    ox = int(rng.integers(0, cam.background.shape[1] - width + 1))
+    img = cam.background[oy:oy + height, ox:ox + width].copy()
+    # back to front: each part is painted over the ones it hides
+    for draw in (_draw_behind, _draw_legs, _draw_upper_body, _draw_bag, _draw_head):
+        draw(img, canvas, ident, pose)
+    _draw_occluder(img, canvas, rng, track)
+    return _camera_look(img, cam, rng, track)
 
 
 def _new_track(ident: Identity, cam: Camera, rng: np.random.Generator, width: int) -> dict:

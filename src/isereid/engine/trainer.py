@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +49,7 @@ from ..utils import atomic_write_text, failpoint, seed_everything
 from . import checkpoint as ckpt
 from .evaluate import evaluate_model
 from .records import EpochRecord
+from .run_log import RunLogger, tensorboard_writer
 from .run_state import RunFolder
 from .step import StepParts, train_step
 from .training_state import TrainingState, camera_memory_kwargs, cluster_memory_kwargs
@@ -152,16 +152,6 @@ def readable_training_set(cfg: Config, dataset: ReidDataset) -> ReidDataset:
     return dataset
 
 
-def tensorboard_writer(output_dir: Path):
-    """A SummaryWriter logging to ``output_dir/tensorboard``, or None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.info("tensorboard is not installed; curves go to metrics.jsonl only (pip install isereid[tensorboard])")
-        return None
-    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-
-
 class Trainer:
     """Owns the model, optimizer, memory and run folder of one training run."""
 
@@ -214,7 +204,8 @@ class Trainer:
         self.best_score = -1.0
         self.best_epoch = 0
         self.start_epoch = 0
-        self.writer = writer
+        self.run_log = RunLogger(writer, epochs=cfg.optim.epochs, log_every=cfg.train.log_every,
+                                 is_main=dist_ctx.is_main)
         self.phases: dict[str, float] = {}  # seconds per phase of the current epoch
         self.image_cache: Optional[ResizedImageCache] = None  # with data.cache_images, filled on first use
 
@@ -238,8 +229,17 @@ class Trainer:
         trainer = cls(cfg, dataset, output_dir, dist_ctx, model=model, optimizer=optimizer,
                       scheduler=build_scheduler(cfg.optim, optimizer))
         if cfg.train.tensorboard and dist_ctx.is_main:  # after the checks: no tensorboard folder for a bad config
-            trainer.writer = tensorboard_writer(trainer.out)
+            trainer.run_log.writer = tensorboard_writer(trainer.out)
         return trainer
+
+    @property
+    def writer(self):
+        """The TensorBoard SummaryWriter of :attr:`run_log`, or None."""
+        return self.run_log.writer
+
+    @writer.setter
+    def writer(self, writer) -> None:
+        self.run_log.writer = writer
 
     @property
     def total_steps(self) -> int:
@@ -282,9 +282,8 @@ class Trainer:
                                  phases=phases, **parts)
             self.history.append(record)
             self.save(epoch, record)
-            self._log_epoch(record)
-        if self.writer is not None:
-            self.writer.close()
+            self.run_log.epoch(record)
+        self.run_log.close()
         return self.history
 
     @contextlib.contextmanager
@@ -448,10 +447,7 @@ class Trainer:
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{values['loss']:.3f}")
-            if self.writer is not None and (step % cfg.train.log_every == 0):
-                for k, v in values.items():
-                    self.writer.add_scalar(f"train/{k}", v, step)
-                self.writer.add_scalar("train/interpolation_weight", weight, step)
+            self.run_log.iteration(step, values, weight)
             waited_from = time.perf_counter()
         self.phases["data_wait"] = self.phases.get("data_wait", 0.0) + data_wait
         n = max(cfg.optim.iters, 1)
@@ -509,39 +505,3 @@ class Trainer:
         if self.ctx.is_main:
             folder.repair(self.cfg, state)  # a stale model_best.pt; metrics lines of an epoch that did not finish
         log.info("resumed from %s at epoch %d/%d", folder.last, self.start_epoch, self.cfg.optim.epochs)
-
-    # ------------------------------------------------------------------ logging
-    def _log_epoch(self, record: EpochRecord) -> None:
-        if not self.ctx.is_main:
-            return
-        parts = [f"epoch {record.epoch}/{self.cfg.optim.epochs}",
-                 f"clusters {record.num_clusters}", f"outliers {record.num_outliers}",
-                 f"loss {record.loss:.4f}"]
-        if record.evaluated:
-            parts.append(f"mAP {100 * record.mAP:.1f}%  rank-1 {100 * record.rank1:.1f}%")
-        cluster = record.cluster or {}
-        if isinstance(cluster.get("eps"), (int, float)):
-            scale = cluster.get("scale") or {}
-            core = f", {100 * scale['core_share']:.0f}% core" if "core_share" in scale else ""
-            parts.append(f"eps {cluster['eps']:.3f}" + (f" (auto{core})" if scale else ""))
-        cross = cluster.get("cross_camera_clusters")
-        if cross is not None:
-            parts.append(f"cross-camera clusters {100 * cross:.0f}%")
-        mutual = cluster.get("mutual_cross_camera")
-        if mutual is not None:
-            parts.append(f"mutual cross-camera neighbours {100 * mutual:.0f}%")
-        nmi = cluster.get("nmi")
-        if nmi is not None:
-            parts.append(f"NMI {nmi:.3f}")
-        parts.append(f"{record.seconds:.0f}s")
-        log.info("  ".join(parts))
-        if self.writer is not None:
-            step = record.epoch
-            for key in ("num_clusters", "num_outliers", "loss", "loss_cc", "loss_lp", "loss_intra", "loss_inter", "lr",
-                        "mAP", "rank1"):
-                if getattr(record, key) is not None:
-                    self.writer.add_scalar(f"epoch/{key}", getattr(record, key), step)
-            for key, value in cluster.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.writer.add_scalar(f"cluster/{key}", value, step)
-            self.writer.flush()
