@@ -215,15 +215,17 @@ def main() -> int:
     parser.add_argument("--build-images", type=int, default=0,
                         help="demo crops for index build vs extract (default: 0, skipped)")
     parser.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
-                        help="search backend of the server (default: auto, faiss when installed)")
+                        help="search backend of the server (default: auto, as `isereid serve`: faiss for "
+                       "batches when installed, torch for single queries)")
     parser.add_argument("--output", help="JSON file to write")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sys.path.insert(0, str(SRC))
     from isereid.index import faiss_available
 
-    backend = args.backend if args.backend != "auto" else ("faiss" if faiss_available() else "torch")
-    result = {"config": {**vars(args), "backend": backend, "cpus": os.cpu_count()}}
+    # "auto" is what `isereid serve` uses: faiss for batches of queries when installed, torch for single ones
+    backend = args.backend
+    result = {"config": {**vars(args), "faiss_installed": faiss_available(), "cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="isereid-serve-bench-") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
@@ -232,7 +234,7 @@ def main() -> int:
         proc, url = start_server(run, index, backend)
         try:
             first = args.run_images
-            run_clients(url, first, args.gallery_size, 1, 5)  # warm-up (builds the faiss index)
+            run_clients(url, first, args.gallery_size, 1, 5)  # warm-up (builds the faiss index when used)
             result["search_single"] = run_clients(url, first, args.gallery_size, 1, args.requests)
             result["search_concurrent"] = run_clients(url, first, args.gallery_size, args.clients, args.requests)
             result["search_upload"] = upload_latency(url, demo, 10)

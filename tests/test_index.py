@@ -192,3 +192,18 @@ def test_index_errors_are_one_line(run_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "x.idx").exists()
+
+
+def test_auto_backend_sends_few_queries_to_torch_and_batches_to_faiss():
+    pytest.importorskip("faiss")
+    from isereid.index import FAISS_MIN_QUERIES
+    index = _random_index(n=800, backend="auto")
+    torch_only = _random_index(n=800, backend="torch")
+    one = np.random.default_rng(3).standard_normal((1, 32)).astype(np.float32)
+    got = index.search(one, 10)
+    assert index._faiss is None  # the single query never built the faiss index
+    np.testing.assert_array_equal(got.indices, torch_only.search(one, 10).indices)
+    batch = np.random.default_rng(4).standard_normal((FAISS_MIN_QUERIES, 32)).astype(np.float32)
+    got = index.search(batch, 10)
+    assert index._faiss is not None
+    np.testing.assert_array_equal(got.indices, torch_only.search(batch, 10).indices)

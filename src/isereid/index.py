@@ -10,7 +10,8 @@ The index is one uncompressed ``.npz`` file, written atomically::
                      arch, feature_dim, and the checkpoint (path, sha256) the features came from
 
 Search is exact inner product (cosine similarity of normalised rows): faiss's ``IndexFlatIP``
-when faiss is installed, a torch matrix product otherwise; both give the same ranking.
+when faiss is installed (for batches of at least :data:`FAISS_MIN_QUERIES` queries with the
+default ``backend="auto"``), a torch matrix product otherwise; both give the same ranking.
 :func:`label_free_threshold` suggests a "no match" distance from a clustering, without labels.
 """
 from __future__ import annotations
@@ -31,6 +32,10 @@ from .utils import atomic_path
 INDEX_VERSION = 1
 INDEX_KEYS = ("features", "paths", "camids", "pids", "meta")
 BACKENDS = ("auto", "faiss", "torch")
+#: With ``backend="auto"``, batches of fewer queries go through torch's matrix product: faiss's flat
+#: index scans for so few queries one query per thread, so a single query reads the whole index on
+#: one core (measured at 100,000 x 2,048 on 2 cores: 57 ms faiss, 25 ms torch; docs/serve.md).
+FAISS_MIN_QUERIES = 20
 
 
 def faiss_available() -> bool:
@@ -98,7 +103,7 @@ class GalleryIndex:
 
     # ------------------------------------------------------------------ search
     def _scores_topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.uses_faiss:
+        if self.uses_faiss and (self.backend == "faiss" or len(queries) >= FAISS_MIN_QUERIES):
             if self._faiss is None:
                 import faiss
 
