@@ -29,19 +29,18 @@ def ca_jaccard_oracle(x, cams, k1a, k1e, k2a, k2e):
     d32 = (2.0 - 2.0 * (x @ x.T)).astype(np.float32)
     d = d32.astype(np.float64)
     sizes = [int((cams == c).sum()) for c in np.unique(cams)]
-    la, le = min(k1a, min(sizes)), min(k1e, min(n - s for s in sizes))
-    qa, qe = min(k2a, min(sizes)), min(k2e, min(n - s for s in sizes))
-    same = [ranked(d32[i], np.flatnonzero(cams == cams[i])) for i in range(n)]
+    le, qe = min(k1e, min(n - s for s in sizes)), min(k2e, min(n - s for s in sizes))
+    same = [ranked(d32[i], np.flatnonzero(cams == cams[i])) for i in range(n)]  # a small camera: shorter
     other = [ranked(d32[i], np.flatnonzero(cams != cams[i])) for i in range(n)]
     v = np.zeros((n, n))
     for i in range(n):
-        members = [j for j in same[i][:la] if i in same[j][:la]]
+        members = [j for j in same[i][:k1a] if i in same[j][:k1a]]
         members += [j for j in other[i][:le] if i in other[j][:le]]
         w = np.exp(-d[i, members])
         v[i, members] = w / w.sum()
     vq = np.zeros_like(v)
     for i in range(n):
-        rows = list(same[i][:qa]) + list(other[i][:qe])
+        rows = list(same[i][:k2a]) + list(other[i][:qe])
         vq[i] = v[rows].mean(axis=0)
     dist = np.ones((n, n))
     for i in range(n):
@@ -57,11 +56,16 @@ def ca_jaccard_oracle(x, cams, k1a, k1e, k2a, k2e):
     (25, 5, 2, 3, 2, 1, 0, 2),      # no query expansion
     (50, 4, 4, 6, 5, 3, 1, 3),
     (12, 3, 2, 50, 50, 9, 9, 4),    # every width capped
+    (30, 6, 3, 5, 4, 3, 2, 5),      # camera 2 holds two images: shorter own-camera lists there
+    (30, 6, 3, 5, 4, 3, 2, 6),      # camera 2 holds one image
 ])
 def test_camera_jaccard_matches_dense_oracle(n, dim, ncam, k1a, k1e, k2a, k2e, seed):
     x = unit_rows(n, dim, seed)
     cams = np.random.default_rng(seed + 100).integers(0, ncam, size=n)
     cams[:ncam] = np.arange(ncam)  # every camera present
+    if seed in (5, 6):
+        cams = np.where(cams == 2, 0, cams)
+        cams[:7 - seed] = 2
     stored = camera_jaccard_distance(x, cams, k1a, k1e, k2a, k2e).tocoo()
     dense = np.ones((n, n), dtype=np.float32)  # pairs not stored have distance 1
     dense[stored.row, stored.col] = stored.data  # explicit zeros are real distances of 0
@@ -77,6 +81,7 @@ def test_camera_ranking_lists_stay_in_and_out_of_the_camera():
     assert (cams[rank.intra] == cams[:, None]).all()
     assert (cams[rank.inter] != cams[:, None]).all()
     assert (rank.intra[:, 0] == np.arange(60)).all()  # the row itself first
+    assert (rank.intra_count == 4).all()
     assert (np.diff(rank.inter_dist, axis=1) >= 0).all()
 
 

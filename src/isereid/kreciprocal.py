@@ -111,14 +111,22 @@ def query_expansion(v: sp.csr_matrix, ranking: np.ndarray, k2: int) -> sp.csr_ma
     return mean_rows(v, ranking[:, :min(k2, ranking.shape[1])])
 
 
-def mean_rows(v: sp.csr_matrix, top: np.ndarray) -> sp.csr_matrix:
+def mean_rows(v: sp.csr_matrix, top: np.ndarray, valid: Optional[np.ndarray] = None) -> sp.csr_matrix:
     """Row i of the result = mean of the rows ``v[top[i]]`` (top: (N, Q) int64), summed in float32 in
-    ``top`` order and divided by Q, as ``np.mean``; CSR with sorted indices."""
+    ``top`` order and divided by the count, as ``np.mean``; CSR with sorted indices. ``valid`` (N, Q)
+    bool, optional: only those entries of each row count (every row needs at least one)."""
     n, q = top.shape
-    avg = sp.csr_matrix((np.ones(n * q, dtype=np.float32), top.ravel(), np.arange(0, n * q + 1, q)),
-                        shape=(n, n))
-    out = (avg @ v).tocsr()
-    out.data /= np.float32(q)
+    if valid is None:
+        avg = sp.csr_matrix((np.ones(n * q, dtype=np.float32), top.ravel(), np.arange(0, n * q + 1, q)),
+                            shape=(n, n))
+        out = (avg @ v).tocsr()
+        out.data /= np.float32(q)
+    else:
+        counts = valid.sum(axis=1)
+        avg = sp.csr_matrix((np.ones(int(counts.sum()), dtype=np.float32), top[valid], counts_to_indptr(counts)),
+                            shape=(n, n))
+        out = (avg @ v).tocsr()
+        out.data /= np.repeat(counts, np.diff(out.indptr)).astype(np.float32)
     out.sort_indices()
     return out
 

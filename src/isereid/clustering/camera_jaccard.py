@@ -15,9 +15,9 @@ enters the set and never the Jaccard overlap. Here the set is drawn from two ran
 4. m_ij and the Jaccard distance exactly as the plain pipeline
    (:func:`isereid.clustering.jaccard.upper_from_weights`).
 
-List widths are capped at the smallest camera (the intra lists) and at the smallest set of
-other-camera images (the inter lists), so every row's lists have the same length. Memory is
-O(N * k) and the other-camera search works on row blocks of bounded size.
+A camera with fewer images than ``k1_intra`` gives its rows shorter own-camera lists (and
+query expansions); the other-camera lists are capped at the smallest number of other-camera
+images. Memory is O(N * k) and the other-camera search works on row blocks of bounded size.
 """
 from __future__ import annotations
 
@@ -43,11 +43,14 @@ class CameraRanking(NamedTuple):
     """Each row's nearest images of its own camera and of the other cameras.
 
     intra: (N, Wa) int64, nearest first, the row itself in column 0 (unless it has exact copies);
-    intra_dist: (N, Wa) float32, d = 2 - 2<x_i, x_j>; inter: (N, We) int64 and inter_dist (N, We)
-    float32 the same among the images of the other cameras. Ties: smaller index first."""
+    intra_dist: (N, Wa) float32, d = 2 - 2<x_i, x_j>; intra_count: (N,) int64, how many leading
+    entries of the row are real (a smaller camera's rows are padded with the row itself and its
+    distance to itself); inter: (N, We) int64 and inter_dist (N, We) float32 the same among the
+    images of the other cameras. Ties: smaller index first."""
 
     intra: np.ndarray
     intra_dist: np.ndarray
+    intra_count: np.ndarray
     inter: np.ndarray
     inter_dist: np.ndarray
 
@@ -70,20 +73,24 @@ def camera_ranking(features: ArrayLike, camids: ArrayLike, k_intra: int, k_inter
     cams = _check_camids(camids, n)
     k_intra, k_inter = check_positive_int(k_intra, "k_intra"), check_positive_int(k_inter, "k_inter")
     groups = [np.flatnonzero(cams == c) for c in np.unique(cams)]
-    w_intra = min(k_intra, min(g.size for g in groups))
+    w_intra = min(k_intra, max(g.size for g in groups))
     w_inter = min(k_inter, min(n - g.size for g in groups))
     intra = np.empty((n, w_intra), dtype=np.int64)
     intra_dist = np.empty((n, w_intra), dtype=np.float32)
+    intra_count = np.empty(n, dtype=np.int64)
     inter = np.empty((n, w_inter), dtype=np.int64)
     inter_dist = np.empty((n, w_inter), dtype=np.float32)
     for rows in groups:  # a loop over cameras, not samples
         index = torch.from_numpy(rows).to(x.device)
         d, local = exact_knn(x[index], w_intra)
-        intra[rows], intra_dist[rows] = rows[local], d
+        width = d.shape[1]
+        intra[rows, :width], intra_dist[rows, :width] = rows[local], d
+        intra[rows, width:], intra_dist[rows, width:] = rows[:, None], d[:, :1]  # padding: the row itself
+        intra_count[rows] = width
         others = np.flatnonzero(cams != cams[rows[0]])
         inter_dist[rows], inter[rows] = _cross_knn(x[index], x[torch.from_numpy(others).to(x.device)], others,
                                                    w_inter)
-    return CameraRanking(intra, intra_dist, inter, inter_dist)
+    return CameraRanking(intra, intra_dist, intra_count, inter, inter_dist)
 
 
 def _cross_knn(queries: torch.Tensor, base: torch.Tensor, base_ids: np.ndarray, k: int):
@@ -132,8 +139,11 @@ def camera_expanded_neighbourhoods(features: ArrayLike, camids: ArrayLike, k1_in
     v = sp.csr_matrix((weights, sets.indices, sets.indptr), shape=sets.shape)
     if k2_intra == 1 and k2_inter == 0:
         return v
-    top = np.hstack([rank.intra[:, :k2_intra], rank.inter[:, :int(k2_inter)]])
-    return kreciprocal.mean_rows(v, top)
+    qa = min(k2_intra, rank.intra.shape[1])
+    top = np.hstack([rank.intra[:, :qa], rank.inter[:, :int(k2_inter)]])
+    valid = np.ones(top.shape, dtype=bool)
+    valid[:, :qa] = np.arange(qa) < rank.intra_count[:, None]  # not the padding of a small camera
+    return kreciprocal.mean_rows(v, top, valid)
 
 
 def camera_jaccard_distance(features: ArrayLike, camids: ArrayLike, k1_intra: int = 5, k1_inter: int = 20,
