@@ -207,3 +207,15 @@ def test_auto_backend_sends_few_queries_to_torch_and_batches_to_faiss():
     got = index.search(batch, 10)
     assert index._faiss is not None
     np.testing.assert_array_equal(got.indices, torch_only.search(batch, 10).indices)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
+def test_concurrent_first_searches_never_see_a_half_built_faiss_index():
+    from concurrent.futures import ThreadPoolExecutor
+    index = _random_index(n=200_000, d=64, backend="faiss")
+    queries = np.random.default_rng(5).standard_normal((4, 1, 64)).astype(np.float32)
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda q: index.search(q, 5).indices, queries))
+    want = [_random_index(n=200_000, d=64, backend="torch").search(q, 5).indices for q in queries]
+    for got, ref in zip(found, want):
+        np.testing.assert_array_equal(got, ref)

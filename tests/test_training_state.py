@@ -45,8 +45,8 @@ def test_memories_round_trip_exactly():
         CameraProxyMemory.from_state({k: v for k, v in camera.state_dict().items() if k != "proxy_cams"})
 
 
-def _cfg(tmp_path):
-    return load_config("demo", [f"data.root={tmp_path}", "memory.camera_aware=true"])
+def _cfg(tmp_path, *overrides):
+    return load_config("demo", [f"data.root={tmp_path}", "memory.camera_aware=true", *overrides])
 
 
 def _saved(tmp_path) -> tuple[RunFolder, TrainingState]:
@@ -134,3 +134,14 @@ def test_bad_python_rng_state_is_a_one_line_error(tmp_path, bad):
     with pytest.raises(CheckpointError, match=r"'rng.python'") as err:
         folder.load_state(_cfg(tmp_path))
     assert "\n" not in str(err.value) and str(folder.last) in str(err.value)
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default(tmp_path):
+    folder, _ = _saved(tmp_path)
+    raw = torch.load(folder.last, weights_only=True)
+    for section, key in (("cluster", "camera_jaccard"), ("cluster", "k1_inter"), ("optim", "scheduler")):
+        del raw["config"][section][key]  # written by a version without these options
+    torch.save(raw, folder.last)
+    assert folder.load_state(_cfg(tmp_path)).epoch == 1
+    with pytest.raises(CheckpointError, match=r"different cluster settings \(cluster.camera_jaccard\)"):
+        folder.load_state(_cfg(tmp_path, "cluster.camera_jaccard=true"))  # a non-default value still differs

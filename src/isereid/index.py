@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -89,6 +90,7 @@ class GalleryIndex:
             raise MissingDependency("backend faiss needs the faiss package: pip install 'isereid[faiss]'")
         self._faiss = None
         self._torch = None
+        self._build_lock = threading.Lock()  # the server searches from several threads
 
     def __len__(self) -> int:
         return len(self.features)
@@ -104,11 +106,13 @@ class GalleryIndex:
     # ------------------------------------------------------------------ search
     def _scores_topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.uses_faiss and (self.backend == "faiss" or len(queries) >= FAISS_MIN_QUERIES):
-            if self._faiss is None:
-                import faiss
+            with self._build_lock:  # published only when filled: another thread must not search it half-built
+                if self._faiss is None:
+                    import faiss
 
-                self._faiss = faiss.IndexFlatIP(self.dim)
-                self._faiss.add(self.features)
+                    built = faiss.IndexFlatIP(self.dim)
+                    built.add(self.features)
+                    self._faiss = built
             scores, indices = self._faiss.search(queries, k)
             return scores, indices.astype(np.int64)
         if self._torch is None:

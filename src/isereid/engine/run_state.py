@@ -134,10 +134,12 @@ class RunFolder:
         saved_cfg = raw.get("config")
         if not isinstance(saved_cfg, dict):
             raise CheckpointError(f"{path} has no usable key 'config'; it was not written by `isereid train`")
-        current = to_dict(cfg)
+        current, defaults = to_dict(cfg), to_dict(Config())
         for section in RESUME_MUST_MATCH:
-            if saved_cfg.get(section) != current[section]:
-                saved = saved_cfg.get(section) if isinstance(saved_cfg.get(section), dict) else {}
+            saved = saved_cfg.get(section) if isinstance(saved_cfg.get(section), dict) else {}
+            # A key the saved run did not know yet (an option added since) ran at its default.
+            saved = {k: saved.get(k, defaults[section][k]) for k in current[section]}
+            if saved != current[section]:
                 diff = sorted(k for k in current[section] if saved.get(k) != current[section][k])
                 keys = ", ".join(f"{section}.{k}" for k in diff)
                 raise CheckpointError(
