@@ -9,7 +9,7 @@ import torch
 
 from isereid.clustering import PseudoLabelSettings, jaccard_distance, pseudo_labels
 from isereid.clustering.camera_jaccard import camera_jaccard_distance, camera_ranking
-from isereid.errors import InvalidArgument
+from isereid.errors import ClusteringError, InvalidArgument
 
 
 def unit_rows(n, dim, seed):
@@ -28,19 +28,17 @@ def ca_jaccard_oracle(x, cams, k1a, k1e, k2a, k2e):
     n = len(x)
     d32 = (2.0 - 2.0 * (x @ x.T)).astype(np.float32)
     d = d32.astype(np.float64)
-    sizes = [int((cams == c).sum()) for c in np.unique(cams)]
-    le, qe = min(k1e, min(n - s for s in sizes)), min(k2e, min(n - s for s in sizes))
     same = [ranked(d32[i], np.flatnonzero(cams == cams[i])) for i in range(n)]  # a small camera: shorter
     other = [ranked(d32[i], np.flatnonzero(cams != cams[i])) for i in range(n)]
     v = np.zeros((n, n))
     for i in range(n):
         members = [j for j in same[i][:k1a] if i in same[j][:k1a]]
-        members += [j for j in other[i][:le] if i in other[j][:le]]
+        members += [j for j in other[i][:k1e] if i in other[j][:k1e]]
         w = np.exp(-d[i, members])
         v[i, members] = w / w.sum()
     vq = np.zeros_like(v)
     for i in range(n):
-        rows = list(same[i][:k2a]) + list(other[i][:qe])
+        rows = list(same[i][:k2a]) + list(other[i][:k2e])
         vq[i] = v[rows].mean(axis=0)
     dist = np.ones((n, n))
     for i in range(n):
@@ -58,6 +56,7 @@ def ca_jaccard_oracle(x, cams, k1a, k1e, k2a, k2e):
     (12, 3, 2, 50, 50, 9, 9, 4),    # every width capped
     (30, 6, 3, 5, 4, 3, 2, 5),      # camera 2 holds two images: shorter own-camera lists there
     (30, 6, 3, 5, 4, 3, 2, 6),      # camera 2 holds one image
+    (30, 6, 2, 5, 20, 2, 6, 7),     # camera 1 holds 3 images: 27 others for them, 3 for the rest
 ])
 def test_camera_jaccard_matches_dense_oracle(n, dim, ncam, k1a, k1e, k2a, k2e, seed):
     x = unit_rows(n, dim, seed)
@@ -66,6 +65,8 @@ def test_camera_jaccard_matches_dense_oracle(n, dim, ncam, k1a, k1e, k2a, k2e, s
     if seed in (5, 6):
         cams = np.where(cams == 2, 0, cams)
         cams[:7 - seed] = 2
+    if seed == 7:
+        cams = np.where(np.arange(n) < 3, 1, 0)
     stored = camera_jaccard_distance(x, cams, k1a, k1e, k2a, k2e).tocoo()
     dense = np.ones((n, n), dtype=np.float32)  # pairs not stored have distance 1
     dense[stored.row, stored.col] = stored.data  # explicit zeros are real distances of 0
@@ -135,6 +136,13 @@ def test_camera_jaccard_bad_input():
         camera_jaccard_distance(x, np.zeros(10, dtype=int))
     with pytest.raises(InvalidArgument, match="camids"):
         camera_jaccard_distance(x, np.zeros(9, dtype=int))
+    for key in ("k1_intra", "k1_inter"):
+        for bad in (0, -1, True):
+            with pytest.raises(InvalidArgument, match=key):
+                camera_jaccard_distance(x, np.repeat([0, 1], 5), **{key: bad})
+    with pytest.raises(ClusteringError, match="identical"):
+        pseudo_labels(np.ones((20, 4), np.float32) / 2, np.repeat([0, 1], 10),
+                      PseudoLabelSettings(eps="auto", camera_jaccard=True))
     with pytest.raises(InvalidArgument, match="k2_inter"):
         camera_jaccard_distance(x, np.repeat([0, 1], 5), k2_inter=-1)
     with pytest.raises(InvalidArgument, match="camids are needed"):

@@ -104,8 +104,14 @@ class GalleryIndex:
         return self.backend == "faiss" or (self.backend == "auto" and faiss_available())
 
     # ------------------------------------------------------------------ search
+    def backend_for(self, queries: int) -> str:
+        """``"faiss"`` or ``"torch"``: what a search of ``queries`` queries at once runs on."""
+        if self.uses_faiss and (self.backend == "faiss" or queries >= FAISS_MIN_QUERIES):
+            return "faiss"
+        return "torch"
+
     def _scores_topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.uses_faiss and (self.backend == "faiss" or len(queries) >= FAISS_MIN_QUERIES):
+        if self.backend_for(len(queries)) == "faiss":
             with self._build_lock:  # published only when filled: another thread must not search it half-built
                 if self._faiss is None:
                     import faiss

@@ -15,9 +15,10 @@ enters the set and never the Jaccard overlap. Here the set is drawn from two ran
 4. m_ij and the Jaccard distance exactly as the plain pipeline
    (:func:`isereid.clustering.jaccard.upper_from_weights`).
 
-A camera with fewer images than ``k1_intra`` gives its rows shorter own-camera lists (and
-query expansions); the other-camera lists are capped at the smallest number of other-camera
-images. Memory is O(N * k) and the other-camera search works on row blocks of bounded size.
+A camera with fewer images than ``k1_intra`` gives its rows shorter own-camera lists, and a
+camera with fewer than ``k1_inter`` images outside it shorter other-camera lists (and query
+expansions); no camera shortens another's lists. Memory is O(N * k) and the other-camera
+search works on row blocks of bounded size.
 """
 from __future__ import annotations
 
@@ -45,14 +46,16 @@ class CameraRanking(NamedTuple):
     intra: (N, Wa) int64, nearest first, the row itself in column 0 (unless it has exact copies);
     intra_dist: (N, Wa) float32, d = 2 - 2<x_i, x_j>; intra_count: (N,) int64, how many leading
     entries of the row are real (a smaller camera's rows are padded with the row itself and its
-    distance to itself); inter: (N, We) int64 and inter_dist (N, We) float32 the same among the
-    images of the other cameras. Ties: smaller index first."""
+    distance to itself); inter: (N, We) int64, inter_dist (N, We) float32 and inter_count (N,) the
+    same among the images of the other cameras (padding: the last real neighbour repeated).
+    Ties: smaller index first."""
 
     intra: np.ndarray
     intra_dist: np.ndarray
     intra_count: np.ndarray
     inter: np.ndarray
     inter_dist: np.ndarray
+    inter_count: np.ndarray
 
 
 def _check_camids(camids: ArrayLike, n: int) -> np.ndarray:
@@ -74,12 +77,13 @@ def camera_ranking(features: ArrayLike, camids: ArrayLike, k_intra: int, k_inter
     k_intra, k_inter = check_positive_int(k_intra, "k_intra"), check_positive_int(k_inter, "k_inter")
     groups = [np.flatnonzero(cams == c) for c in np.unique(cams)]
     w_intra = min(k_intra, max(g.size for g in groups))
-    w_inter = min(k_inter, min(n - g.size for g in groups))
+    w_inter = min(k_inter, max(n - g.size for g in groups))
     intra = np.empty((n, w_intra), dtype=np.int64)
     intra_dist = np.empty((n, w_intra), dtype=np.float32)
     intra_count = np.empty(n, dtype=np.int64)
     inter = np.empty((n, w_inter), dtype=np.int64)
     inter_dist = np.empty((n, w_inter), dtype=np.float32)
+    inter_count = np.empty(n, dtype=np.int64)
     for rows in groups:  # a loop over cameras, not samples
         index = torch.from_numpy(rows).to(x.device)
         d, local = exact_knn(x[index], w_intra)
@@ -88,9 +92,12 @@ def camera_ranking(features: ArrayLike, camids: ArrayLike, k_intra: int, k_inter
         intra[rows, width:], intra_dist[rows, width:] = rows[:, None], d[:, :1]  # padding: the row itself
         intra_count[rows] = width
         others = np.flatnonzero(cams != cams[rows[0]])
-        inter_dist[rows], inter[rows] = _cross_knn(x[index], x[torch.from_numpy(others).to(x.device)], others,
-                                                   w_inter)
-    return CameraRanking(intra, intra_dist, intra_count, inter, inter_dist)
+        width = min(w_inter, others.size)
+        d, ids = _cross_knn(x[index], x[torch.from_numpy(others).to(x.device)], others, width)
+        inter[rows, :width], inter_dist[rows, :width] = ids, d
+        inter[rows, width:], inter_dist[rows, width:] = ids[:, -1:], d[:, -1:]  # padding: a repeat
+        inter_count[rows] = width
+    return CameraRanking(intra, intra_dist, intra_count, inter, inter_dist, inter_count)
 
 
 def _cross_knn(queries: torch.Tensor, base: torch.Tensor, base_ids: np.ndarray, k: int):
@@ -125,6 +132,7 @@ def camera_expanded_neighbourhoods(features: ArrayLike, camids: ArrayLike, k1_in
     Feed the result to :func:`isereid.clustering.jaccard.upper_from_weights` (or to DBSCAN through
     :func:`isereid.clustering.pseudo_labels`)."""
     x = as_features(features)
+    k1_intra, k1_inter = check_positive_int(k1_intra, "k1_intra"), check_positive_int(k1_inter, "k1_inter")
     k2_intra = check_positive_int(k2_intra, "k2_intra")
     if isinstance(k2_inter, bool) or int(k2_inter) != k2_inter or k2_inter < 0:
         raise InvalidArgument(f"k2_inter must be an integer >= 0, got {k2_inter!r}")
@@ -139,10 +147,10 @@ def camera_expanded_neighbourhoods(features: ArrayLike, camids: ArrayLike, k1_in
     v = sp.csr_matrix((weights, sets.indices, sets.indptr), shape=sets.shape)
     if k2_intra == 1 and k2_inter == 0:
         return v
-    qa = min(k2_intra, rank.intra.shape[1])
-    top = np.hstack([rank.intra[:, :qa], rank.inter[:, :int(k2_inter)]])
-    valid = np.ones(top.shape, dtype=bool)
-    valid[:, :qa] = np.arange(qa) < rank.intra_count[:, None]  # not the padding of a small camera
+    qa, qe = min(k2_intra, rank.intra.shape[1]), min(int(k2_inter), rank.inter.shape[1])
+    top = np.hstack([rank.intra[:, :qa], rank.inter[:, :qe]])
+    valid = np.hstack([np.arange(qa) < rank.intra_count[:, None],  # never the padding of a short list
+                       np.arange(qe) < rank.inter_count[:, None]])
     return kreciprocal.mean_rows(v, top, valid)
 
 

@@ -24,6 +24,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from sklearn.cluster import DBSCAN
 from sklearn.exceptions import EfficiencyWarning
 
@@ -74,13 +75,18 @@ def jaccard_dbscan_auto(features: ArrayLike, k1: int = 30, k2: int = 6, min_samp
     identical, too few images for min_samples, no image with min_samples - 1 neighbours."""
     min_samples = check_positive_int(min_samples, "min_samples")
     x = as_features(features)
-    if bool((x == x[:1]).all()):
-        raise ClusteringError(f"all {x.shape[0]} feature rows are identical (a collapsed or constant model?): "
-                              "nothing to cluster")
+    check_not_constant(x)
     v, _ = expanded_neighbourhoods(x, k1, k2, knn_backend=knn_backend)
     labels, choice = neighbourhood_dbscan(v, "auto", min_samples)
     assert choice is not None
     return labels, choice
+
+
+def check_not_constant(x: torch.Tensor) -> None:
+    """ClusteringError when every row of ``x`` (N, D) is the same: no scale can be read from such features."""
+    if bool((x == x[:1]).all()):
+        raise ClusteringError(f"all {x.shape[0]} feature rows are identical (a collapsed or constant model?): "
+                              "nothing to cluster")
 
 
 def neighbourhood_dbscan(v: sp.csr_matrix, eps: Union[float, str], min_samples: int = 4

@@ -19,7 +19,8 @@ from ..errors import InvalidArgument
 from ..utils import ArrayLike
 from .camera import associate_clusters, camera_normalize
 from .camera_jaccard import camera_expanded_neighbourhoods
-from .dbscan import jaccard_dbscan, jaccard_dbscan_auto, neighbourhood_dbscan
+from .dbscan import check_not_constant, jaccard_dbscan, jaccard_dbscan_auto, neighbourhood_dbscan
+from .knn import as_features
 from .scale import ScaleChoice
 
 __all__ = ["PseudoLabelSettings", "PseudoLabels", "pseudo_labels"]
@@ -88,6 +89,8 @@ def pseudo_labels(features: ArrayLike, camids: Optional[ArrayLike],
         features = camera_normalize(features, torch.as_tensor(camids))
     choice = None
     if settings.camera_jaccard:
+        if settings.eps == "auto":
+            check_not_constant(as_features(features))
         v = camera_expanded_neighbourhoods(features, camids, settings.k1_intra, settings.k1_inter,
                                            settings.k2_intra, settings.k2_inter)
         labels, choice = neighbourhood_dbscan(v, settings.eps, settings.min_samples)

@@ -215,8 +215,8 @@ class Trainer:
         the command line train alike: every RNG seeded with ``cfg.seed`` (and ``cfg.deterministic``)
         before the model is built, unreadable training images dropped (:func:`readable_training_set`),
         and :meth:`run` writing ``train.log``. Parts: build_model (channels_last when configured), Adam
-        over the trainable parameters, StepLR, the default GradScaler and clustering, a SummaryWriter on
-        rank 0 when ``train.tensorboard``."""
+        over the trainable parameters, the schedule of ``optim.scheduler``, the default GradScaler and
+        clustering, a SummaryWriter on rank 0 when ``train.tensorboard``."""
         check_distributed_batch(cfg, dist_ctx.world_size)  # before reading images or building a model
         check_training_set(cfg, dataset)
         seed_everything(cfg.seed, cfg.deterministic)  # the model's random init follows from cfg.seed

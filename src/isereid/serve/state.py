@@ -157,7 +157,7 @@ class RunView:
             "run": self.run_dir.name, "checkpoint": self.checkpoint.name, "records": self.records,
             "epochs": self.epochs, "train_images": int(len(self.train_paths)),
             "gallery": {"source": self.gallery_source, "size": len(self.index), "first_id": self.gallery_offset,
-                        "backend": "faiss" if self.index.uses_faiss else "torch"},
+                        "backend": self.index.backend_for(1)},  # the page searches one query at a time
             "model": {"arch": self.prep.arch, "height": self.prep.height, "width": self.prep.width},
             "threshold": self.threshold, "threshold_epoch": self.threshold_epoch,
             "max_upload_bytes": self.max_upload_bytes,
