@@ -168,3 +168,6 @@ def test_trainer_clusterer_switches_to_camera_jaccard_at_the_start_epoch():
         np.testing.assert_array_equal(cluster(x, cams, epoch), pseudo_labels(x, cams, plain).labels)
     np.testing.assert_array_equal(cluster(x, cams, 2), pseudo_labels(x, cams, PseudoLabelSettings.of(cfg)).labels)
     assert not np.array_equal(cluster(x, cams, 2), cluster(x, cams, 1))
+    assert cluster.scale["camera_jaccard"] is False  # epoch 1, the last call
+    cluster(x, cams, 3)
+    assert cluster.scale == {"eps": 0.6, "camera_jaccard": True}

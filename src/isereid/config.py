@@ -89,7 +89,8 @@ class ClusterConfig:
     associate_min_similarity: float = 0.5
     # CA-Jaccard (docs/camera_aware.md#ca-jaccard): k-reciprocal sets from each image's k1_intra nearest
     # of its own camera (itself included) and k1_inter nearest of the other cameras, query expansion
-    # over k2_intra + k2_inter of them; k1 and k2 are then unused. Defaults: the CA-Jaccard paper's.
+    # over k2_intra + k2_inter of them; k1, k2 and knn_backend are then unused (exact torch search
+    # per camera). Defaults: the CA-Jaccard paper's.
     camera_jaccard: bool = False
     k1_intra: int = 5
     k1_inter: int = 20

@@ -75,6 +75,8 @@ def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
         chosen = settings if epoch >= cfg.camera_jaccard_start else warm_up
         result = cluster_pseudo_labels(features, camids, chosen)
         cluster.scale = result.record()
+        if settings.camera_jaccard:  # the record says which distance this epoch's labels came from
+            cluster.scale["camera_jaccard"] = chosen.camera_jaccard
         return result.labels
 
     return cluster
