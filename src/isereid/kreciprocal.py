@@ -72,7 +72,7 @@ def reciprocal_mask(ranking: np.ndarray, width: int,
     return mask
 
 
-def _set_matrix(ranking: np.ndarray, width: int) -> sp.csr_matrix:
+def reciprocal_sets(ranking: np.ndarray, width: int) -> sp.csr_matrix:
     """The k-reciprocal sets of forward length ``width`` as an (N, N) binary float32 CSR."""
     n = ranking.shape[0]
     forward = ranking[:, :width]
@@ -88,7 +88,7 @@ def expanded_sets(ranking: np.ndarray, k1: int) -> sp.csr_matrix:
     R(i) whose count exceeds 2/3 |Rh(c)| are accepted, and E is the pattern of
     R + Accepted @ Rh (one sparse product, no per-sample loop)."""
     width, half_width = set_widths(k1, ranking.shape[1])
-    reciprocal, half_sets = _set_matrix(ranking, width), _set_matrix(ranking, half_width)
+    reciprocal, half_sets = reciprocal_sets(ranking, width), reciprocal_sets(ranking, half_width)
     n = reciprocal.shape[0]
     shared = reciprocal.multiply(reciprocal @ half_sets.T).tocoo()      # c in R(i), with counts
     accepted = shared.data > (2.0 / 3.0) * np.diff(half_sets.indptr)[shared.col]

@@ -30,7 +30,7 @@ import torch
 
 from .. import kreciprocal
 from ..errors import InvalidArgument
-from ..utils import ArrayLike, counts_to_indptr
+from ..utils import ArrayLike, as_ids
 from .jaccard import _softmax_weights, mirror, upper_from_weights
 from .knn import _pack, _unpack, as_features, check_positive_int, exact_knn
 
@@ -59,12 +59,13 @@ class CameraRanking(NamedTuple):
 
 
 def _check_camids(camids: ArrayLike, n: int) -> np.ndarray:
-    cams = np.asarray(camids.cpu() if isinstance(camids, torch.Tensor) else camids)
-    if cams.shape != (n,) or not np.issubdtype(cams.dtype, np.integer):
-        raise InvalidArgument(f"camids must be (N,) = ({n},) integers, got shape {cams.shape} {cams.dtype}")
+    try:
+        cams = as_ids(camids, n, "camids", torch.device("cpu")).numpy()
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(str(e)) from None
     if np.unique(cams).size < 2:
         raise InvalidArgument("camera-aware Jaccard needs images from two or more cameras; the camids hold one")
-    return cams.astype(np.int64, copy=False)
+    return cams
 
 
 def camera_ranking(features: ArrayLike, camids: ArrayLike, k_intra: int, k_inter: int) -> CameraRanking:
@@ -116,14 +117,6 @@ def _cross_knn(queries: torch.Tensor, base: torch.Tensor, base_ids: np.ndarray, 
     return np.concatenate(dist), base_ids[np.concatenate(pos)]
 
 
-def _reciprocal_sets(lists: np.ndarray) -> sp.csr_matrix:
-    """(N, N) float32 CSR pattern of the j in ``lists[i]`` whose own list contains i."""
-    n, width = lists.shape
-    mask = kreciprocal.reciprocal_mask(lists, width)
-    indptr = counts_to_indptr(mask.sum(axis=1))
-    return sp.csr_matrix((np.ones(indptr[-1], dtype=np.float32), lists[mask], indptr), shape=(n, n))
-
-
 def camera_expanded_neighbourhoods(features: ArrayLike, camids: ArrayLike, k1_intra: int = 5, k1_inter: int = 20,
                                    k2_intra: int = 2, k2_inter: int = 4) -> sp.csr_matrix:
     """Steps 1-3 of the module doc: V' (N, N) float32 CSR with sorted indices.
@@ -137,8 +130,8 @@ def camera_expanded_neighbourhoods(features: ArrayLike, camids: ArrayLike, k1_in
     if isinstance(k2_inter, bool) or int(k2_inter) != k2_inter or k2_inter < 0:
         raise InvalidArgument(f"k2_inter must be an integer >= 0, got {k2_inter!r}")
     rank = camera_ranking(x, camids, max(k1_intra, k2_intra), max(k1_inter, k2_inter, 1))
-    sets = _reciprocal_sets(rank.intra[:, :min(k1_intra, rank.intra.shape[1])]) + \
-        _reciprocal_sets(rank.inter[:, :min(k1_inter, rank.inter.shape[1])])
+    sets = kreciprocal.reciprocal_sets(rank.intra, min(k1_intra, rank.intra.shape[1])) + \
+        kreciprocal.reciprocal_sets(rank.inter, min(k1_inter, rank.inter.shape[1]))
     sets = sets.tocsr()
     sets.sum_duplicates()  # sorted unique columns (the two parts are disjoint: other cameras)
     ranking = np.hstack([rank.intra, rank.inter])
