@@ -17,7 +17,8 @@ from ..models.loading import FORMAT, FORMAT_VERSION, model_payload
 from ..models.state_io import safe_load
 from ..utils import atomic_torch_save
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "LAST", "BEST", "model_payload", "rng_state", "set_rng_state", "save", "load"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "LAST", "BEST", "model_payload", "rng_state", "python_rng_state",
+           "set_rng_state", "save", "load"]
 
 LAST = "checkpoint_last.pt"
 BEST = "model_best.pt"
@@ -31,9 +32,14 @@ def rng_state() -> dict:
     return state
 
 
+def python_rng_state(saved) -> tuple:
+    """The ``random.setstate`` argument from a saved Python RNG state (torch.save keeps the inner tuple
+    a tuple, another writer may have made it a list)."""
+    return saved[0], tuple(saved[1]), saved[2]
+
+
 def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
+    random.setstate(python_rng_state(state["python"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

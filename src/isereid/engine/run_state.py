@@ -226,7 +226,7 @@ def _python_rng_ok(state) -> bool:
     """Whether ``random.setstate`` accepts ``state`` (checked on a private generator, so a bad state
     is reported as a CheckpointError before anything is restored)."""
     try:
-        random.Random().setstate((state[0], tuple(state[1]), state[2]))
+        random.Random().setstate(ckpt.python_rng_state(state))
     except (TypeError, ValueError, IndexError, OverflowError):
         return False
     return True
