@@ -68,6 +68,10 @@ VARIANTS = {
     # Both changes of the third round that led the preset by more than a point (inside the spread
     # each): 140 iterations an epoch and the label-free DBSCAN radius (docs/auto_eps.md).
     "preset_iters140_auto": ["optim.iters=140", "cluster.eps=auto"],
+    # The colour cue in the first two epochs' clustering (docs/camera_aware.md#colour-cue): half the
+    # similarity from striped HSV histograms in epoch 1, a quarter in epoch 2, none after. The weight
+    # is the even split, chosen before any run, not tuned.
+    "preset_colour": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2"],
 }
 
 

@@ -99,6 +99,11 @@ class ClusterConfig:
     # First epoch (0-based) clustered with CA-Jaccard; the plain Jaccard before it. The ImageNet
     # features match a person across cameras at chance, so early other-camera lists are noise.
     camera_jaccard_start: int = 0
+    # Colour cue (docs/camera_aware.md#colour-cue): striped HSV histograms blended into the features
+    # that the clustering sees, with weight colour_weight in the first epoch, fading linearly to 0
+    # at epoch colour_epochs (0-based): epoch e uses colour_weight * max(0, 1 - e / colour_epochs).
+    colour_weight: float = 0.0
+    colour_epochs: int = 2
 
 
 @dataclass
@@ -384,6 +389,8 @@ RANGES = {
     "cluster.k2_intra": (1, None, "an integer >= 1 (the image itself counts; 1 with k2_inter=0: no query expansion)"),
     "cluster.k2_inter": (0, None, "an integer >= 0"),
     "cluster.camera_jaccard_start": (0, None, "an integer >= 0 (the first epoch, 0-based, that uses it)"),
+    "cluster.colour_weight": (0.0, 1.0, "a number in [0, 1] (0 = off)"),
+    "cluster.colour_epochs": (1, None, "an integer >= 1 (the epoch, 0-based, from which the cue is off)"),
     "memory.camera_online_weight": (0.0, None, "a number >= 0"),
 }
 

@@ -1,6 +1,6 @@
 """The pseudo-label pipeline of one epoch (docs/method.md#pseudo-labels, docs/camera_aware.md).
 
-    features (N, D) --camera_normalize?--> DBSCAN on (camera-aware?) Jaccard distances
+    features (N, D) --camera_normalize?--> blend_cue(colour)? --> DBSCAN on (camera-aware?) Jaccard distances
                     --associate_clusters?--> labels (N,)
 
 Each step is its own public function; :func:`pseudo_labels` is the one place that chains them,
@@ -19,6 +19,7 @@ from ..errors import InvalidArgument
 from ..utils import ArrayLike
 from .camera import associate_clusters, camera_normalize
 from .camera_jaccard import camera_expanded_neighbourhoods
+from .colour import blend_cue
 from .dbscan import check_not_constant, jaccard_dbscan, jaccard_dbscan_auto, neighbourhood_dbscan
 from .knn import as_features
 from .scale import ScaleChoice
@@ -35,7 +36,8 @@ class PseudoLabelSettings:
     mutual-nearest clusters of disjoint cameras at cosine >= ``associate_min_similarity`` after DBSCAN.
     camera_jaccard: build the Jaccard distance from own-camera and other-camera k-reciprocal lists
     (k1_intra, k1_inter, query expansion over k2_intra + k2_inter rows) in place of k1 / k2
-    (:mod:`isereid.clustering.camera_jaccard`).
+    (:mod:`isereid.clustering.camera_jaccard`). colour_weight: the weight of the colour cue blended
+    into the features after camera normalisation (:mod:`isereid.clustering.colour`; 0 = off).
     """
 
     eps: Union[float, str] = 0.4
@@ -51,6 +53,7 @@ class PseudoLabelSettings:
     k1_inter: int = 20
     k2_intra: int = 2
     k2_inter: int = 4
+    colour_weight: float = 0.0
 
     @classmethod
     def of(cls, section: Any) -> "PseudoLabelSettings":
@@ -75,18 +78,28 @@ class PseudoLabels:
 
 
 def pseudo_labels(features: ArrayLike, camids: Optional[ArrayLike],
-                  settings: PseudoLabelSettings = PseudoLabelSettings()) -> PseudoLabels:
+                  settings: PseudoLabelSettings = PseudoLabelSettings(),
+                  colour: Optional[ArrayLike] = None) -> PseudoLabels:
     """Pseudo-labels of ``features`` (N, D), rows L2-normalised, from cameras ``camids`` (N,) ints.
 
-    ``camids`` may be None when no camera step is on. Steps: camera normalisation (when
-    ``settings.camera_norm``), DBSCAN on the k-reciprocal Jaccard distance (camera-aware with
+    ``camids`` may be None when no camera step is on; ``colour`` (N, E) unit rows (e.g.
+    :func:`isereid.clustering.colour.hsv_histograms`) is needed when ``settings.colour_weight > 0``.
+    Steps: camera normalisation (when ``settings.camera_norm``, of the colour rows too), the colour
+    blend (when ``settings.colour_weight > 0``), DBSCAN on the k-reciprocal Jaccard distance (camera-aware with
     ``settings.camera_jaccard``), cross-camera
     association of the clusters (when ``settings.associate``), the latter on the features DBSCAN saw.
     """
     if (settings.camera_norm or settings.associate or settings.camera_jaccard) and camids is None:
         raise InvalidArgument("camids are needed for camera_norm, associate and camera_jaccard")
+    if settings.colour_weight > 0 and colour is None:
+        raise InvalidArgument("colour rows are needed for colour_weight > 0")
     if settings.camera_norm:
         features = camera_normalize(features, torch.as_tensor(camids))
+    if settings.colour_weight > 0:
+        colour = as_features(colour)
+        if settings.camera_norm:  # the cue's camera casts removed as the features' are
+            colour = camera_normalize(colour, torch.as_tensor(camids))
+        features = blend_cue(features, colour, settings.colour_weight)
     choice = None
     if settings.camera_jaccard:
         if settings.eps == "auto":

@@ -22,6 +22,15 @@ def load_rgb(path: str) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {exc}") from None
 
 
+def load_resized(path: str, size: tuple[int, int]) -> Image.Image:
+    """:func:`load_rgb`, resized to ``size`` (H, W) with bicubic resampling unless it has that size
+    already (the first step of the train and test transforms)."""
+    image = load_rgb(path)
+    if image.size != (size[1], size[0]):  # PIL sizes are (W, H)
+        image = image.resize((size[1], size[0]), Image.BICUBIC)
+    return image
+
+
 class ResizedImageCache:
     """RGB images decoded once and resized to ``size`` (H, W) with bicubic resampling, kept in memory.
 
@@ -37,10 +46,7 @@ class ResizedImageCache:
         self.images: dict[str, Image.Image] = {}
 
     def _read(self, path: str) -> Image.Image:
-        image = load_rgb(path)
-        if image.size != (self.size[1], self.size[0]):  # PIL sizes are (W, H)
-            image = image.resize((self.size[1], self.size[0]), Image.BICUBIC)
-        return image
+        return load_resized(path, self.size)
 
     def fill(self, paths: Sequence[str], workers: Optional[int] = None) -> "ResizedImageCache":
         """Decode the ``paths`` not cached yet (a thread pool: PIL releases the GIL while decoding)."""

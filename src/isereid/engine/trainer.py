@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from ..camera_memory import CameraProxyMemory
 from ..clustering import PseudoLabelSettings, cluster_report, mutual_share, nearest_other_camera, partition_warning
 from ..clustering import pseudo_labels as cluster_pseudo_labels
+from ..clustering.colour import hsv_histograms
 from ..config import ClusterConfig, Config, OptimConfig, to_yaml
 from ..data.datasets import NO_CAMERAS_HINT, ReidDataset
-from ..data.images import ImageDataset, ResizedImageCache, drop_unreadable, name_paths
+from ..data.images import ImageDataset, ResizedImageCache, drop_unreadable, load_resized, name_paths
 from ..data.loader import make_loader
 from ..data.sampler import BatchListSampler, epoch_batches
 from ..data.transforms import build_test_transform, build_train_transform
@@ -64,19 +65,36 @@ CAMERA_PURE_WARNING = 0.2
 ClusterFn = Callable[[torch.Tensor, np.ndarray, int], np.ndarray]
 
 
-def jaccard_clusterer(cfg: ClusterConfig) -> ClusterFn:
+def colour_weight(cfg: ClusterConfig, epoch: int) -> float:
+    """The colour cue's weight in epoch ``epoch`` (0-based): ``colour_weight`` fading linearly to 0
+    at epoch ``colour_epochs``."""
+    return cfg.colour_weight * max(0.0, 1.0 - epoch / cfg.colour_epochs)
+
+
+def jaccard_clusterer(cfg: ClusterConfig, colour: Optional[Callable[[], torch.Tensor]] = None) -> ClusterFn:
     """The :data:`ClusterFn` of :func:`isereid.clustering.pseudo_labels` with the settings of ``cfg``
-    (camera-aware Jaccard from epoch ``cfg.camera_jaccard_start`` on, the plain one before);
-    after each call its ``scale`` attribute holds the epoch record's eps (and auto-eps choice)."""
+    (camera-aware Jaccard from epoch ``cfg.camera_jaccard_start`` on, the plain one before; the
+    colour cue at :func:`colour_weight`, its (N, E) rows from ``colour()``, called once when first
+    needed); after each call its ``scale`` attribute holds the epoch record's eps (and auto-eps
+    choice, which Jaccard distance and the colour weight when those options are on)."""
     settings = PseudoLabelSettings.of(cfg)
     warm_up = dataclasses.replace(settings, camera_jaccard=False)
+    cue: list[torch.Tensor] = []  # the colour rows, computed on first use
 
     def cluster(features: torch.Tensor, camids: np.ndarray, epoch: int = 0) -> np.ndarray:
         chosen = settings if epoch >= cfg.camera_jaccard_start else warm_up
-        result = cluster_pseudo_labels(features, camids, chosen)
+        chosen = dataclasses.replace(chosen, colour_weight=colour_weight(cfg, epoch))
+        if chosen.colour_weight > 0 and not cue:
+            if colour is None:
+                raise ConfigError(f"cluster.colour_weight={cfg.colour_weight} needs the training images' colours, "
+                                  "which this clustering function was not given")
+            cue.append(colour())
+        result = cluster_pseudo_labels(features, camids, chosen, cue[0] if chosen.colour_weight > 0 else None)
         cluster.scale = result.record()
         if settings.camera_jaccard:  # the record says which distance this epoch's labels came from
             cluster.scale["camera_jaccard"] = chosen.camera_jaccard
+        if cfg.colour_weight > 0:
+            cluster.scale["colour_weight"] = round(chosen.colour_weight, 6)
         return result.labels
 
     return cluster
@@ -186,7 +204,7 @@ class Trainer:
                 self.net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.cluster_fn = cluster_fn if cluster_fn is not None else jaccard_clusterer(cfg.cluster)
+        self.cluster_fn = cluster_fn if cluster_fn is not None else jaccard_clusterer(cfg.cluster, self.colour_cue)
         self.amp = bool(cfg.train.amp)
         if scaler is None:
             scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
@@ -340,6 +358,17 @@ class Trainer:
             self.image_cache = ResizedImageCache((self.cfg.data.height, self.cfg.data.width)).fill(
                 [s.path for s in self.train_samples])
         return self.image_cache
+
+    def colour_cue(self) -> torch.Tensor:
+        """(N, E) striped HSV histograms of the training images in :attr:`train_samples` order, at the
+        training size (:func:`isereid.clustering.colour.hsv_histograms`), the colour cue's rows."""
+        size = (self.cfg.data.height, self.cfg.data.width)
+        cache = self._image_loader()
+        read = cache if cache is not None else (lambda path: load_resized(path, size))
+        paths = [s.path for s in self.train_samples]
+        chunk = 1024  # (chunk, H, W, 3) bytes at a time, whatever the number of images
+        return torch.cat([hsv_histograms(np.stack([np.asarray(read(p).convert("HSV")) for p in paths[i:i + chunk]]))
+                          for i in range(0, len(paths), chunk)])
 
     def _install_labels(self, epoch: int, features: torch.Tensor, labels: np.ndarray, paths: list[str]) -> dict:
         """Memories from ``labels`` (N,) of ``features`` (N, D) of the training images ``paths`` (N);
