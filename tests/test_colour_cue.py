@@ -30,12 +30,14 @@ def histogram_oracle(image: np.ndarray, stripes: int, bins) -> np.ndarray:
         stripe = math.floor(r * stripes / height)
         for c in range(width):
             h, s, v = (int(x) for x in image[r, c])
-            counts[stripe, (math.floor(h * bh / 256) * bs + math.floor(s * bs / 256)) * bv + math.floor(v * bv / 256)] += 1
+            joint = (math.floor(h * bh / 256) * bs + math.floor(s * bs / 256)) * bv + math.floor(v * bv / 256)
+            counts[stripe, joint] += 1
     hist = counts / counts.sum(axis=1, keepdims=True)
     return (np.sqrt(hist) / math.sqrt(stripes)).ravel()
 
 
-@pytest.mark.parametrize("height,width,stripes,bins", [(12, 5, 6, (8, 3, 3)), (7, 3, 3, (4, 2, 5)), (9, 4, 1, (1, 1, 1))])
+@pytest.mark.parametrize("height,width,stripes,bins",
+                         [(12, 5, 6, (8, 3, 3)), (7, 3, 3, (4, 2, 5)), (9, 4, 1, (1, 1, 1))])
 def test_histograms_match_a_pixel_loop(height, width, stripes, bins):
     hsv = np.random.default_rng(height).integers(0, 256, size=(4, height, width, 3), dtype=np.uint8)
     hsv[0] = 255  # the top bin of every channel
@@ -54,7 +56,8 @@ def test_histogram_dot_is_the_mean_bhattacharyya_coefficient_of_the_stripes():
         float(np.mean(np.sum(np.sqrt(p * q), axis=1))), rel=1e-5)
 
 
-@pytest.mark.parametrize("bad,match", [(np.zeros((2, 4, 4), np.uint8), "uint8"), (np.zeros((1, 4, 4, 3), np.float32), "uint8")])
+@pytest.mark.parametrize("bad,match", [(np.zeros((2, 4, 4), np.uint8), "uint8"),
+                                       (np.zeros((1, 4, 4, 3), np.float32), "uint8")])
 def test_histograms_reject_what_is_not_hsv_bytes(bad, match):
     with pytest.raises(InvalidArgument, match=match):
         hsv_histograms(bad)

@@ -68,7 +68,8 @@ def blend_cue(features: torch.Tensor, cue: torch.Tensor, weight: float) -> torch
     are ``(1 - weight)`` times the features' plus ``weight`` times the cue's.
 
     Args:
-        features: (N, D) unit rows. cue: (N, E) unit rows (tensors or NumPy arrays; float32 out) (e.g. :func:`hsv_histograms`).
+        features: (N, D) unit rows. cue: (N, E) unit rows, e.g. :func:`hsv_histograms` (tensors or
+            NumPy arrays; the result is float32).
         weight: in [0, 1] (1: the cue alone).
     """
     features, cue = as_features(features), as_features(cue)  # float32, validated
