@@ -478,6 +478,64 @@ def _existing(root: Path, params: dict):
     raise DatasetError(f"demo data: {root} is not empty ({shown}); delete it or choose a new folder")
 
 
+class _SplitWriter:
+    """Writes the JPEGs of the three splits and counts what each split holds."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.counts = {s: 0 for s in SPLITS}
+        self.ids: dict[str, set] = {s: set() for s in SPLITS}
+        self.names: set[str] = set()
+        for split in SPLITS:
+            (root / split).mkdir(parents=True, exist_ok=True)
+
+    def write(self, split: str, pid: int, cam: int, frame: int, det: int, pixels: np.ndarray) -> None:
+        name = f"{pid:04d}_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg"
+        while name in self.names:  # only possible for distractors; move to the next frame
+            frame += 1
+            name = f"{pid:04d}_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg"
+        self.names.add(name)
+        Image.fromarray(pixels).save(self.root / split / name, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+        self.counts[split] += 1
+        self.ids[split].add(pid)
+
+    def summary(self, distractors: int, cameras: int, height: int, width: int) -> dict:
+        size = sum(f.stat().st_size for s in SPLITS for f in (self.root / s).iterdir())
+        return {
+            "train_images": self.counts["bounding_box_train"],
+            "train_ids": len(self.ids["bounding_box_train"]),
+            "query_images": self.counts["query"],
+            "query_ids": len(self.ids["query"]),
+            "gallery_images": self.counts["bounding_box_test"],
+            "gallery_ids": len(self.ids["bounding_box_test"] - {0}),
+            "distractors": distractors,
+            "cameras": cameras,
+            "image_size": f"{height}x{width}",
+            "megabytes": round(size / 1e6, 2),
+        }
+
+
+def _write_people(out: _SplitWriter, people: list, pids: np.ndarray, train_pids: set, cams: list,
+                  canvas: "_Canvas", rng: np.random.Generator, cameras: int, width: int) -> None:
+    """Every identity in 2..5 cameras, 3..8 frames of one track each; training identities go to the
+    training split, the others give one query per camera and the rest to the gallery."""
+    for pid, ident in zip(pids.tolist(), people):
+        n_cams = int(rng.integers(2, min(cameras, 5) + 1))
+        cam_ids = np.sort(rng.choice(cameras, size=n_cams, replace=False)).tolist()
+        is_train = pid in train_pids
+        for cam in cam_ids:
+            n_images = int(rng.integers(3, 9))
+            track = _new_track(ident, cams[cam], rng, width)
+            frame = int(rng.integers(100, 900_000))
+            query_at = int(rng.integers(n_images))
+            for j in range(n_images):
+                pixels = _render(ident, cams[cam], canvas, rng, track)
+                split = "bounding_box_train" if is_train else ("query" if j == query_at else "bounding_box_test")
+                out.write(split, pid, cam, frame, 1, pixels)
+                frame += int(rng.integers(4, 40))
+                _next_frame(track, ident, cams[cam], rng, width)
+
+
 def generate_demo_data(root, identities: int = 200, cameras: int = 6, seed: int = 0,
                        height: int = 128, width: int = 64) -> dict:
     """Write the synthetic dataset under ``root`` (see module doc); returns a summary dict."""
@@ -496,60 +554,18 @@ def generate_demo_data(root, identities: int = 200, cameras: int = 6, seed: int 
     pids = np.arange(1, identities + 1)
     train_pids = set(int(p) for p in rng.permutation(pids)[: identities // 2])
     canvas = _Canvas(height, width)
-    for split in SPLITS:
-        (root / split).mkdir(parents=True, exist_ok=True)
+    out = _SplitWriter(root)
+    _write_people(out, people, pids, train_pids, cams, canvas, rng, cameras, width)
 
-    counts = {s: 0 for s in SPLITS}
-    ids = {s: set() for s in SPLITS}
-    names: set[str] = set()
-
-    def write(split: str, pid: int, cam: int, frame: int, det: int, pixels: np.ndarray) -> None:
-        name = f"{pid:04d}_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg"
-        while name in names:  # only possible for distractors; move to the next frame
-            frame += 1
-            name = f"{pid:04d}_c{cam + 1}s1_{frame:06d}_{det:02d}.jpg"
-        names.add(name)
-        Image.fromarray(pixels).save(root / split / name, format="JPEG", quality=JPEG_QUALITY, optimize=False)
-        counts[split] += 1
-        ids[split].add(pid)
-
-    for pid, ident in zip(pids.tolist(), people):
-        n_cams = int(rng.integers(2, min(cameras, 5) + 1))
-        cam_ids = np.sort(rng.choice(cameras, size=n_cams, replace=False)).tolist()
-        is_train = pid in train_pids
-        for cam in cam_ids:
-            n_images = int(rng.integers(3, 9))
-            track = _new_track(ident, cams[cam], rng, width)
-            frame = int(rng.integers(100, 900_000))
-            query_at = int(rng.integers(n_images))
-            for j in range(n_images):
-                pixels = _render(ident, cams[cam], canvas, rng, track)
-                split = "bounding_box_train" if is_train else ("query" if j == query_at else "bounding_box_test")
-                write(split, pid, cam, frame, 1, pixels)
-                frame += int(rng.integers(4, 40))
-                _next_frame(track, ident, cams[cam], rng, width)
-
-    n_distractors = max(1, round(0.1 * counts["bounding_box_test"]))
+    n_distractors = max(1, round(0.1 * out.counts["bounding_box_test"]))
     for k in range(n_distractors):
         cam = int(rng.integers(cameras))
         ident = _random_identity(rng)
         track = _new_track(ident, cams[cam], rng, width)
-        write("bounding_box_test", 0, cam, int(rng.integers(100, 999_000)), 1 + k % 99,
-              _render(ident, cams[cam], canvas, rng, track))
+        out.write("bounding_box_test", 0, cam, int(rng.integers(100, 999_000)), 1 + k % 99,
+                  _render(ident, cams[cam], canvas, rng, track))
 
-    size = sum(f.stat().st_size for s in SPLITS for f in (root / s).iterdir())
-    summary = {
-        "train_images": counts["bounding_box_train"],
-        "train_ids": len(ids["bounding_box_train"]),
-        "query_images": counts["query"],
-        "query_ids": len(ids["query"]),
-        "gallery_images": counts["bounding_box_test"],
-        "gallery_ids": len(ids["bounding_box_test"] - {0}),
-        "distractors": n_distractors,
-        "cameras": cameras,
-        "image_size": f"{height}x{width}",
-        "megabytes": round(size / 1e6, 2),
-    }
+    summary = out.summary(n_distractors, cameras, height, width)
     atomic_write_text(root / MARKER, json.dumps({"parameters": params, "summary": summary}, indent=2) + "\n")
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return summary

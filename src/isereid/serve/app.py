@@ -54,36 +54,8 @@ def create_app(view: RunView, token: Optional[str] = None) -> FastAPI:
     app = FastAPI(title="isereid serve", docs_url=None, redoc_url=None, openapi_url=None)
     static = resources.files("isereid.serve") / "static"
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        set_cookie = False
-        if token is None:
-            if not is_loopback(_host_name(request.headers.get("host", ""))):
-                return _error(403, "this server answers loopback addresses only")
-        else:
-            given = (request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
-                     or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
-            if not given or not secrets.compare_digest(given.encode(), token.encode()):
-                return _error(401, "access token required: open the URL printed at start")
-            set_cookie = request.query_params.get("token") is not None
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return _error(411, "uploads need a Content-Length")
-            if not length.isdigit() or int(length) > view.max_upload_bytes + 64 * 1024:
-                return _error(413, f"upload larger than {view.max_upload_bytes // (1 << 20)} MB")
-        response = await call_next(request)
-        if set_cookie:
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-        return response
-
-    @app.exception_handler(NotFound)
-    async def not_found(request, exc):
-        return _error(404, str(exc))
-
-    @app.exception_handler(IsereidError)
-    async def bad_request(request, exc):  # BadImage, InvalidArgument
-        return _error(400, first_line(exc))
+    _add_guard(app, view, token)
+    _add_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -116,6 +88,49 @@ def create_app(view: RunView, token: Optional[str] = None) -> FastAPI:
     async def image_info(image_id: int):
         return view.image_info(image_id)
 
+    _add_search(app, view)
+    return app
+
+
+def _add_guard(app: FastAPI, view: RunView, token: Optional[str]) -> None:
+    """Who gets in (token or loopback host) and how large an upload may be, before any route runs."""
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        set_cookie = False
+        if token is None:
+            if not is_loopback(_host_name(request.headers.get("host", ""))):
+                return _error(403, "this server answers loopback addresses only")
+        else:
+            given = (request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
+                     or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
+            if not given or not secrets.compare_digest(given.encode(), token.encode()):
+                return _error(401, "access token required: open the URL printed at start")
+            set_cookie = request.query_params.get("token") is not None
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "uploads need a Content-Length")
+            if not length.isdigit() or int(length) > view.max_upload_bytes + 64 * 1024:
+                return _error(413, f"upload larger than {view.max_upload_bytes // (1 << 20)} MB")
+        response = await call_next(request)
+        if set_cookie:
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Library errors as one-line JSON answers: NotFound 404, the other IsereidErrors 400."""
+    @app.exception_handler(NotFound)
+    async def not_found(request, exc):
+        return _error(404, str(exc))
+
+    @app.exception_handler(IsereidError)
+    async def bad_request(request, exc):  # BadImage, InvalidArgument
+        return _error(400, first_line(exc))
+
+
+def _add_search(app: FastAPI, view: RunView) -> None:
+    """``POST /api/search``: an uploaded crop (field ``image``) or a known one (``image_id``)."""
     @app.post("/api/search")
     async def search(request: Request, topk: int = Query(10), other_cameras_only: bool = Query(False)):
         form = await request.form(max_files=1, max_fields=8)
@@ -146,8 +161,6 @@ def create_app(view: RunView, token: Optional[str] = None) -> FastAPI:
             raise BadImage(f"bad search parameter ({first_line(e)})") from None
         finally:
             await form.close()
-
-    return app
 
 
 def bind(host: str, port: int) -> socket.socket:
