@@ -179,12 +179,16 @@ def cluster_first_paint(url: str) -> float | None:
     return round(seconds, 3)
 
 
-def build_throughput(checkpoint: Path, demo: Path, images: int, folder: Path) -> dict:
+def build_throughput(checkpoint: Path, source: Path, images: int, folder: Path) -> dict:
+    """images/s of `isereid extract`, `index build` and `extract` again on the first ``images`` JPEGs
+    under ``source`` (same process, same order every time); ``build_vs_extract`` = build / mean extract."""
     from isereid.cli import main
 
     src = folder / "build_images"
     src.mkdir(exist_ok=True)
-    crops = sorted(demo.rglob("*.jpg"))[:images]
+    crops = sorted(source.rglob("*.jpg"))[:images]
+    if not crops:
+        raise SystemExit(f"no .jpg under {source}")
     for i, path in enumerate(crops):
         target = src / f"{i:06d}_{path.name}"
         if not target.exists():
@@ -213,7 +217,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=50, help="searches per client (default: 50)")
     parser.add_argument("--run-images", type=int, default=100_000, help="training images in the run (default: 100000)")
     parser.add_argument("--build-images", type=int, default=0,
-                        help="demo crops for index build vs extract (default: 0, skipped)")
+                        help="crops for index build vs extract (default: 0, skipped)")
+    parser.add_argument("--build-from", type=Path,
+                        help="folder whose JPEGs (recursively, sorted) the build comparison uses (default: the "
+                        "fixture's demo crops, a few hundred)")
     parser.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto",
                         help="search backend of the server (default: auto, as `isereid serve`: faiss for "
                        "batches when installed, torch for single queries)")
@@ -225,7 +232,8 @@ def main() -> int:
 
     # "auto" is what `isereid serve` uses: faiss for batches of queries when installed, torch for single ones
     backend = args.backend
-    result = {"config": {**vars(args), "faiss_installed": faiss_available(), "cpus": os.cpu_count()}}
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result = {"config": {**options, "faiss_installed": faiss_available(), "cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="isereid-serve-bench-") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
@@ -243,7 +251,8 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=60)
         if args.build_images:
-            result["build"] = build_throughput(run / "model_best.pt", demo, args.build_images, folder)
+            source = args.build_from if args.build_from is not None else demo
+            result["build"] = build_throughput(run / "model_best.pt", source, args.build_images, folder)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
