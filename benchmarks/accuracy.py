@@ -50,6 +50,8 @@ VARIANTS = {
     "camera_aware": [*_PLAIN, *_CAMERA],
     "camera_associate": [*_PLAIN, *_CAMERA, "cluster.associate=true"],
     "supervised": ["train.supervised=true"],
+    # The ceiling in the budget of preset_iters140 / preset_iters140_auto (same minutes per run).
+    "supervised_iters140": ["train.supervised=true", "optim.iters=140"],
     # The shipped preset without O2CAP's online association (the preset before 2026-12-02's second
     # round), with it but without the label merge, and with it on top of a preset that lacks it.
     "preset_no_online": ["memory.camera_online=0"],
