@@ -341,3 +341,19 @@ def test_from_config_drops_unreadable_training_images(tiny_demo, tmp_path, caplo
     kept = {Path(s.path).name for s in trainer.train_samples}
     assert not kept & {p.name for p in broken} and len(kept) > 0
     assert "skipping 2 unreadable training image(s)" in caplog.text
+
+
+def test_a_camera_with_one_training_image_trains_camera_aware(tiny_demo, tmp_path):
+    """A camera that holds a single training image is a defined case, not an error: camera
+    normalisation leaves its row as it is, and it gets proxies like any camera."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo, root)
+    train = root / "bounding_box_train"
+    first = sorted(train.glob("*.jpg"))[0]
+    shutil.copy(first, train / ("9999_c9s1_000001_01.jpg"))  # camera 9: one image, a person of its own
+    trainer = _trainer(root, tmp_path / "run", "memory.camera_aware=true", "cluster.camera_norm=true",
+                       "cluster.associate=true", "ise.foreign=same_camera", "memory.camera_online=1")
+    assert int((trainer.camids == trainer.camids.max()).sum()) == 1
+    history = trainer.run()
+    assert [r.epoch for r in history] == [1, 2]
+    assert all(np.isfinite(r.loss) for r in history)
