@@ -74,6 +74,9 @@ VARIANTS = {
     # similarity from striped HSV histograms in epoch 1, a quarter in epoch 2, none after. The weight
     # is the even split, chosen before any run, not tuned.
     "preset_colour": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2"],
+    # The two changes of the fourth round that led the preset on both seeds, together: the colour
+    # cue and the label-free radius, in the preset's budget (100 iterations an epoch).
+    "preset_colour_auto": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "cluster.eps=auto"],
 }
 
 
