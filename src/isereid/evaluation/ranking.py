@@ -151,9 +151,8 @@ def _score_block(
     junk is removed by subtracting its counts rather than by masking the whole block.
     """
     num_rows, num_gallery = dist.shape
-    device = dist.device
-    average_precision = torch.full((num_rows,), float("nan"), dtype=torch.float64, device=device)
-    first_rank = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
+    average_precision = torch.full((num_rows,), float("nan"), dtype=torch.float64, device=dist.device)
+    first_rank = torch.full((num_rows,), -1, dtype=torch.int64, device=dist.device)
 
     rows, cols = (query_pids[:, None] == gallery_pids[None, :]).nonzero(as_tuple=True)  # row-major
     is_match = query_camids[rows] != gallery_camids[cols]
@@ -165,11 +164,39 @@ def _score_block(
     pos_dist = _pad_rows(pos_rows, dist[pos_rows, pos_cols], num_rows, float("inf"))  # (C, P)
     pos_col = _pad_rows(pos_rows, pos_cols, num_rows, num_gallery)  # (C, P)
     junk_dist = _pad_rows(junk_rows, dist[junk_rows, junk_cols], num_rows, float("inf"))  # (C, J)
-    max_pos = pos_dist.shape[1]
     sorted_pos = pos_dist.sort(dim=1).values  # (C, P) ascending, padding last
     has_pos = num_pos > 0
 
-    # AP. Sorted positive i sits in the tie group that ends where distances > s_i start, so its
+    ap, all_at_most = _block_average_precision(dist, sorted_pos, junk_dist, num_pos)
+    average_precision = torch.where(has_pos, ap, average_precision)
+    # First match: valid entries strictly closer than the nearest positive s_0, plus valid
+    # entries tied with s_0 whose gallery index is below the first (lowest-index) positive at s_0.
+    nearest = sorted_pos[:, :1]  # (C, 1)
+    first_col = torch.where(pos_dist == nearest, pos_col, num_gallery).min(dim=1).values  # (C,)
+    tie_rows, tie_cols = (dist == nearest).nonzero(as_tuple=True)  # few: the positive itself, rare ties
+    num_tied = torch.bincount(tie_rows, minlength=num_rows)
+    tie_is_junk = (gallery_pids[tie_cols] == query_pids[tie_rows]) & (
+        gallery_camids[tie_cols] == query_camids[tie_rows]
+    )
+    tie_counts = ~tie_is_junk & (tie_cols < first_col[tie_rows])
+    tied_before = torch.bincount(tie_rows[tie_counts], minlength=num_rows)
+    junk_closer = (junk_dist < nearest).sum(dim=1)
+    rank = all_at_most[:, 0] - num_tied - junk_closer + tied_before
+    return average_precision, torch.where(has_pos, rank, first_rank)
+
+
+def _block_average_precision(
+    dist: torch.Tensor, sorted_pos: torch.Tensor, junk_dist: torch.Tensor, num_pos: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """AP of each row of a block, and the count of entries at distance <= each positive.
+
+    dist: (C, G); sorted_pos: (C, P) the row's positive distances ascending, +inf padded;
+    junk_dist: (C, J) +inf padded; num_pos: (C,). Returns (C,) float64 AP (0 for a row without
+    positives) and (C, P) int64 ``all_at_most[c, i]`` = #entries (junk included) <= s_i.
+    """
+    num_rows, max_pos = sorted_pos.shape
+    device = dist.device
+    # Sorted positive i sits in the tie group that ends where distances > s_i start, so its
     # precision is (#positives <= s_i) / (#valid entries <= s_i).
     # bins[c, j] = #positives closer than entry j; entry j is <= s_i  <=>  bins[c, j] <= i.
     bins = torch.searchsorted(sorted_pos, dist, out_int32=True)  # (C, G) in [0, P]
@@ -182,23 +209,7 @@ def _score_block(
     precision = pos_at_most.to(torch.float64) / valid_at_most.clamp(min=1).to(torch.float64)
     real_slot = torch.arange(max_pos, device=device)[None, :] < num_pos[:, None]  # (C, P)
     ap_sum = torch.where(real_slot, precision, 0.0).sum(dim=1)
-    average_precision = torch.where(has_pos, ap_sum / num_pos.clamp(min=1), average_precision)
-
-    # CMC: valid entries strictly closer than the nearest positive s_0, plus valid entries tied
-    # with s_0 whose gallery index is below the first (lowest-index) positive at s_0.
-    nearest = sorted_pos[:, :1]  # (C, 1)
-    first_col = torch.where(pos_dist == nearest, pos_col, num_gallery).min(dim=1).values  # (C,)
-    tie_rows, tie_cols = (dist == nearest).nonzero(as_tuple=True)  # few: the positive itself, rare ties
-    num_tied = torch.bincount(tie_rows, minlength=num_rows)
-    tie_is_junk = (gallery_pids[tie_cols] == query_pids[tie_rows]) & (
-        gallery_camids[tie_cols] == query_camids[tie_rows]
-    )
-    tie_counts = ~tie_is_junk & (tie_cols < first_col[tie_rows])
-    tied_before = torch.bincount(tie_rows[tie_counts], minlength=num_rows)
-    junk_closer = (junk_dist < nearest).sum(dim=1)
-    rank = all_at_most[:, 0] - num_tied - junk_closer + tied_before
-    first_rank = torch.where(has_pos, rank, first_rank)
-    return average_precision, first_rank
+    return ap_sum / num_pos.clamp(min=1), all_at_most
 
 
 @torch.no_grad()
@@ -254,22 +265,25 @@ def evaluate_ranking(
         average_precision[start:stop] = block_ap.cpu()
         first_rank[start:stop] = block_rank.cpu()
 
-    average_precision_np = average_precision.numpy()
-    first_rank_np = first_rank.numpy()
-    is_valid = first_rank_np >= 0
+    return _summarise(average_precision.numpy(), first_rank.numpy(), max_rank)
+
+
+def _summarise(average_precision: np.ndarray, first_rank: np.ndarray, max_rank: int) -> RankingResult:
+    """mAP and CMC from per-query AP (Q,) and first-match ranks (Q,), -1 for skipped queries."""
+    is_valid = first_rank >= 0
     num_valid = int(is_valid.sum())
     if num_valid == 0:
         warnings.warn(
             "evaluate_ranking: no query has a true match in the gallery (after removing same-pid "
             "same-camera entries); returning mAP 0 and an all-zero CMC",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=4,  # _summarise, evaluate_ranking, torch.no_grad's wrapper, the caller
         )
-        return RankingResult(0.0, np.zeros(max_rank), 0, average_precision_np, first_rank_np)
-    counted = first_rank_np[is_valid & (first_rank_np < max_rank)]
+        return RankingResult(0.0, np.zeros(max_rank), 0, average_precision, first_rank)
+    counted = first_rank[is_valid & (first_rank < max_rank)]
     cmc = np.bincount(counted, minlength=max_rank)[:max_rank].cumsum() / num_valid
-    mean_ap = float(average_precision_np[is_valid].mean())
-    return RankingResult(mean_ap, cmc.astype(np.float64), num_valid, average_precision_np, first_rank_np)
+    mean_ap = float(average_precision[is_valid].mean())
+    return RankingResult(mean_ap, cmc.astype(np.float64), num_valid, average_precision, first_rank)
 
 
 @torch.no_grad()
@@ -286,17 +300,8 @@ def pairwise_distance(
         (Q, G) float32 tensor on the inputs' device. Values may be slightly negative from
         rounding, as in the reference.
     """
-    device = next(
-        (x.device for x in (query_features, gallery_features) if isinstance(x, torch.Tensor)),
-        torch.device("cpu"),
-    )
-    query = torch.as_tensor(query_features).detach().to(device=device, dtype=torch.float32)
-    gallery = torch.as_tensor(gallery_features).detach().to(device=device, dtype=torch.float32)
-    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(
-            "query_features and gallery_features must be (Q, D) and (G, D) with the same D, got "
-            f"{tuple(query.shape)} and {tuple(gallery.shape)}"
-        )
+    query, gallery = query_gallery_tensors(query_features, gallery_features)
+    device = query.device
     num_query, num_gallery = query.shape[0], gallery.shape[0]
     if chunk_size is None:
         chunk_size = max(1, _DISTANCE_BLOCK_ELEMENTS // max(1, num_gallery))
@@ -308,3 +313,20 @@ def pairwise_distance(
         norms = query_sq[start:stop, None] + gallery_sq[None, :]  # (C, G)
         out[start:stop] = torch.addmm(norms, query[start:stop], gallery.t(), beta=1, alpha=-2)
     return out
+
+
+def query_gallery_tensors(query_features: ArrayLike, gallery_features: ArrayLike) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Q, D) and (G, D) features as float32 tensors on one device: that of a tensor input (the
+    query's first), else the CPU. Raises ValueError unless both are 2-D with the same D."""
+    device = next(
+        (x.device for x in (query_features, gallery_features) if isinstance(x, torch.Tensor)),
+        torch.device("cpu"),
+    )
+    query = torch.as_tensor(query_features).detach().to(device=device, dtype=torch.float32)
+    gallery = torch.as_tensor(gallery_features).detach().to(device=device, dtype=torch.float32)
+    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            "query_features and gallery_features must be (Q, D) and (G, D) with the same D, got "
+            f"{tuple(query.shape)} and {tuple(gallery.shape)}"
+        )
+    return query, gallery

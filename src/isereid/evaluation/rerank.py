@@ -36,6 +36,7 @@ import torch
 
 from .. import kreciprocal
 from ..utils import ArrayLike
+from .ranking import query_gallery_tensors
 
 # Elements of a dense (rows x N) distance block, and of the per-block pair and output arrays.
 _DISTANCE_BLOCK_ELEMENTS = 1 << 24
@@ -126,17 +127,8 @@ def re_ranking(
     if int(k1) != k1 or k1 < 1 or int(k2) != k2 or k2 < 1:
         raise ValueError(f"k1 and k2 must be positive integers, got k1={k1}, k2={k2}")
     k1, k2 = int(k1), int(k2)
-    device = next(
-        (x.device for x in (query_features, gallery_features) if isinstance(x, torch.Tensor)),
-        torch.device("cpu"),
-    )
-    query = torch.as_tensor(query_features).detach().to(device=device, dtype=torch.float32)
-    gallery = torch.as_tensor(gallery_features).detach().to(device=device, dtype=torch.float32)
-    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
-        raise ValueError(
-            "query_features and gallery_features must be (Q, D) and (G, D) with the same D, got "
-            f"{tuple(query.shape)} and {tuple(gallery.shape)}"
-        )
+    query, gallery = query_gallery_tensors(query_features, gallery_features)
+    device = query.device
     num_query, num_gallery = query.shape[0], gallery.shape[0]
     if num_query == 0 or num_gallery == 0:
         return np.zeros((num_query, num_gallery), dtype=np.float32)
