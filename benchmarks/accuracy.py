@@ -77,6 +77,11 @@ VARIANTS = {
     # The two changes of the fourth round that led the preset on both seeds, together: the colour
     # cue and the label-free radius, in the preset's budget (100 iterations an epoch).
     "preset_colour_auto": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "cluster.eps=auto"],
+    # The colour cue plus training augmentation against a camera's colour cast (docs/camera_aware.md,
+    # section 2d): random greyscale with probability 0.2 and jitter 0.2 of brightness, contrast and
+    # saturation; moderate values chosen before any run, not tuned.
+    "preset_colour_aug": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "data.grayscale_prob=0.2",
+                          "data.color_jitter=0.2"],
 }
 
 

@@ -53,7 +53,7 @@ class DataConfig:
     grayscale_prob: float = 0.0
     color_jitter: float = 0.0
     # Keep the training images decoded and resized in memory (the train transform's first step),
-    # so an epoch decodes each JPEG once instead of once per draw (docs/speed.md).
+    # so an epoch decodes each JPEG once instead of once per draw (docs/development.md, the epoch profile).
     cache_images: bool = False
 
 
