@@ -42,3 +42,31 @@ def test_epoch_profile_bad_config_is_one_line(tiny_demo, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "optim.nope" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+def _accuracy_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("preset", ["cpu", "demo"])
+def test_accuracy_variants_are_valid_and_plain_ise_is_plain(preset):
+    """Every variant's overrides load on both shipped presets, and the plain-ISE rows turn off every
+    camera switch and the colour cue that a preset ships (a switch added later must join them)."""
+    from isereid.config import load_config
+    from isereid.engine.trainer import camera_switches_on
+
+    accuracy = _accuracy_module()
+    for name, overrides in accuracy.VARIANTS.items():
+        if overrides is not None:
+            load_config(preset, overrides)
+    shipped = load_config(preset)
+    assert camera_switches_on(shipped) and shipped.cluster.colour_weight > 0  # else the check below is empty
+    for name in ("ise", "pil", "lp", "baseline"):
+        plain = load_config(preset, accuracy.VARIANTS[name])
+        assert camera_switches_on(plain) == {} and plain.cluster.colour_weight == 0, name
+    assert accuracy.VARIANTS["preset"] == []

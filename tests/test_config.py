@@ -172,7 +172,9 @@ def test_range_edges_are_accepted():
 def test_cluster_eps_is_a_number_or_auto(value, expected):
     eps = load_config("cpu", [f"cluster.eps={value}"]).cluster.eps
     assert eps == expected and type(eps) is type(expected)
-    assert load_config("cpu").cluster.eps == 0.5  # presets keep their hand-tuned radius
+    # The cpu and demo presets choose their radius (docs/auto_eps.md); the reference presets keep theirs.
+    assert load_config("cpu").cluster.eps == "auto" and load_config("demo").cluster.eps == "auto"
+    assert load_config("market1501").cluster.eps == 0.4
 
 
 @pytest.mark.parametrize("value", ["automatic", "0", "-0.3", ".inf", "true", "[0.5]"])
