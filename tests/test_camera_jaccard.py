@@ -154,7 +154,8 @@ def test_trainer_clusterer_switches_to_camera_jaccard_at_the_start_epoch():
     from isereid.engine.trainer import jaccard_clusterer
     cfg = load_config("demo", ["cluster.camera_jaccard=true", "cluster.camera_jaccard_start=2", "cluster.eps=0.6",
                                "cluster.camera_norm=false", "cluster.associate=false", "cluster.k1=4", "cluster.k2=2",
-                               "cluster.k1_intra=4", "cluster.k1_inter=4", "cluster.k2_inter=1"]).cluster
+                               "cluster.k1_intra=4", "cluster.k1_inter=4", "cluster.k2_inter=1",
+                               "cluster.colour_weight=0"]).cluster
     rng = np.random.default_rng(1)
     people = rng.normal(size=(10, 16))
     offset = rng.normal(size=(2, 16))

@@ -71,7 +71,7 @@ def test_pipeline_gives_exactly_the_labels_of_the_old_chain(seed, eps):
 def test_the_trainers_clusterer_is_the_pipeline():
     features, camids = camera_styled(3)
     cfg = load_config("demo", ["cluster.k1=10", "cluster.k2=3", "cluster.min_samples=3", "cluster.eps=0.5",
-                               "cluster.camera_norm=true", "cluster.associate=true"]).cluster
+                               "cluster.camera_norm=true", "cluster.associate=true", "cluster.colour_weight=0"]).cluster
     cluster = jaccard_clusterer(cfg)
     expected = pseudo_labels(features, camids, PseudoLabelSettings.of(cfg))
     np.testing.assert_array_equal(cluster(features, camids), expected.labels)

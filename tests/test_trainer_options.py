@@ -114,7 +114,8 @@ def test_clusterer_associates_after_dbscan():
     pid = torch.arange(6).repeat_interleave(10)
     cams = np.tile(np.repeat([0, 1], 5), 6)
     x = torch.nn.functional.normalize(views[cams, pid] + 0.03 * torch.randn(60, 32, generator=g), dim=1)
-    overrides = ["cluster.k1=5", "cluster.k2=1", "cluster.eps=0.6", "cluster.min_samples=3"]
+    # The colour cue (on in the preset) needs images; these are bare feature rows.
+    overrides = ["cluster.k1=5", "cluster.k2=1", "cluster.eps=0.6", "cluster.min_samples=3", "cluster.colour_weight=0"]
     plain = jaccard_clusterer(load_config("demo", [*overrides, "cluster.associate=false"]).cluster)(x, cams)
     np.testing.assert_array_equal(plain, pid.numpy() * 2 + cams)  # one cluster per person and camera
     cfg = load_config("demo", [*overrides, "cluster.associate=true", "cluster.associate_min_similarity=0.3"]).cluster
@@ -143,7 +144,7 @@ def test_auto_clusterer_equals_fixed_at_the_chosen_eps():
     centres = torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=1)
     x = torch.nn.functional.normalize(centres.repeat_interleave(12, 0) + 0.15 * torch.randn(96, 32, generator=g), dim=1)
     cams = np.tile([0, 1], 48)
-    overrides = ["cluster.k1=8", "cluster.k2=3", "cluster.camera_norm=true"]
+    overrides = ["cluster.k1=8", "cluster.k2=3", "cluster.camera_norm=true", "cluster.colour_weight=0"]
     auto = jaccard_clusterer(load_config("demo", [*overrides, "cluster.eps=auto"]).cluster)
     labels = auto(x, cams)
     eps = auto.scale["eps"]
