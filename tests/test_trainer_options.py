@@ -177,11 +177,15 @@ def test_supervised_uses_true_identities(tiny_demo, tmp_path):
     (("true", "true", "true", "0", "same_camera"), "try memory.camera_online=1 ("),
     (("true", "true", "true", "1", "any"), "try ise.foreign=same_camera ("),
     (("true", "true", "true", "1", "same_camera"), "try a longer schedule"),
+    (("true", "true", "true", "1", "same_camera", "0"), "try cluster.colour_weight=0.5 ("),
+    (("true", "true", "false", "1", "same_camera", "0"), "try cluster.associate=true cluster.colour_weight=0.5 ("),
 ])
 def test_camera_pure_warning(tiny_demo, tmp_path, caplog, switches, hint):
-    aware, norm, associate, online, foreign = switches
+    aware, norm, associate, online, foreign = switches[:5]
+    colour = switches[5] if len(switches) > 5 else "0.5"  # the colour cue's weight (the preset's by default)
     trainer = _trainer(tiny_demo, tmp_path / "w", f"memory.camera_aware={aware}", f"cluster.camera_norm={norm}",
-                       f"cluster.associate={associate}", f"memory.camera_online={online}", f"ise.foreign={foreign}")
+                       f"cluster.associate={associate}", f"memory.camera_online={online}", f"ise.foreign={foreign}",
+                       f"cluster.colour_weight={colour}")
     labels = np.where(trainer.camids == 0, 0, 1)  # one cluster per camera (3 cameras -> 0 and 1)
     labels[trainer.camids == 2] = 2
     report = cluster_report(labels, cameras=trainer.camids)

@@ -415,6 +415,8 @@ class Trainer:
         share = report.cross_camera_clusters
         if share is not None and share < CAMERA_PURE_WARNING:
             off = camera_switches_to_try(self.cfg)
+            if self.cfg.cluster.colour_weight == 0:  # early cross-camera links that need no trained features
+                off.append("cluster.colour_weight=0.5")
             hint = " ".join(off) if off else "a longer schedule (the association needs trained features)"
             log.warning("epoch %d: only %.0f%% of the %d clusters span two or more cameras: the pseudo-labels are "
                         "camera-pure, so training learns to match people within one camera, not across cameras; "
