@@ -77,8 +77,8 @@ VARIANTS = {
     # is the even split, chosen before any run, not tuned.
     "preset_colour": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2"],
     # The two changes of the fourth round that led the preset on both seeds, together: the colour
-    # cue and the label-free radius, in the preset's budget (100 iterations an epoch).
-    # (Both are in the cpu and demo presets since 2026-12-03: these two rows now equal `preset`.)
+    # cue and the label-free radius, in the preset's budget (100 iterations an epoch). Both are in
+    # the cpu and demo presets since 2026-12-03, so this row and `preset_colour` now run `preset`.
     "preset_colour_auto": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "cluster.eps=auto"],
     # The preset without the colour cue (the automatic radius alone). The preset before 2026-12-03:
     # --define previous="cluster.colour_weight=0 cluster.eps=0.5" (0.6 for demo).
