@@ -86,6 +86,9 @@ VARIANTS = {
     # The colour cue plus training augmentation against a camera's colour cast (docs/camera_aware.md,
     # section 2d): random greyscale with probability 0.2 and jitter 0.2 of brightness, contrast and
     # saturation; moderate values chosen before any run, not tuned.
+    # Camera-based BatchNorm (docs/camera_aware.md#camera-bn): every BN layer normalises each camera's
+    # rows with that camera's statistics, in training and at extraction.
+    "preset_camera_bn": ["model.bn_mode=camera"],
     "preset_colour_aug": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "data.grayscale_prob=0.2",
                           "data.color_jitter=0.2"],
 }

@@ -260,7 +260,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
             samples += part
             splits += [split] * len(part)
     feats = extract_features(model.to(device), [s.path for s in samples], _transform(height, width),
-                             batch_size=args.batch_size, workers=args.workers, device=device, desc="extract")
+                             batch_size=args.batch_size, workers=args.workers, device=device, desc="extract",
+                             camids=[s.camid for s in samples])  # used by camera-BN models only
     save_features(args.output, feats, samples, splits)
     log.info("wrote %d x %d features to %s", feats.shape[0], feats.shape[1], args.output, extra=RESULT)
     return 0

@@ -64,9 +64,12 @@ class ModelConfig:
     pretrained_path: Optional[str] = None  # local file with backbone weights (overrides download)
     last_stride: int = 1
     pooling: str = "avg"  # avg | gem (docs/reference_quirks.md#q13)
-    # The reference's 4-GPU DataParallel normalises each 64-sample chunk separately (docs/reference_quirks.md#q14).
-    bn_mode: str = "chunk"  # chunk (ghost BN, GPU-count independent) | sync | plain
+    # The reference's 4-GPU DataParallel normalises each 64-sample chunk separately (docs/reference_quirks.md#q14);
+    # camera: each camera's rows with that camera's statistics (docs/camera_aware.md#camera-bn).
+    bn_mode: str = "chunk"  # chunk (ghost BN, GPU-count independent) | sync | plain | camera
     bn_chunk: int = 64
+    # bn_mode=camera: images per camera whose statistics normalise that camera's rows at extraction.
+    camera_bn_images: int = 512
     channels_last: bool = False
 
 
@@ -205,7 +208,7 @@ class Config:
 
 # The model's lists live here because isereid.models imports this module (the pure modules own theirs).
 POOLINGS = ("avg", "gem")
-BN_MODES = ("chunk", "sync", "plain")
+BN_MODES = ("chunk", "sync", "plain", "camera")
 
 # Each list has one source: the module that implements the choice (or the lines above).
 SCHEDULERS = ("step", "linear")
@@ -373,6 +376,7 @@ RANGES = {
     "eval.every": (0, None, "an integer >= 0 (0: only after the last epoch)"),
     "eval.visualize": (0, None, "an integer >= 0"),
     "model.bn_chunk": (2, None, "an integer >= 2 (BatchNorm needs two rows per chunk)"),
+    "model.camera_bn_images": (2, None, "an integer >= 2 (a camera's statistics need two images)"),
     "model.last_stride": (1, 2, "1 or 2"),
     "data.workers": (0, None, "an integer >= 0"),
     "data.pad": (0, None, "an integer >= 0"),

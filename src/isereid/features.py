@@ -16,6 +16,7 @@ from .data.images import ImageDataset
 from .data.loader import make_loader
 from .distributed import DistContext
 from .errors import DatasetError, first_line
+from .models.camera_bn import camera_statistics, has_camera_bn, use_camera_statistics
 from .utils import atomic_path
 
 
@@ -32,6 +33,8 @@ def extract_features(
     dist_ctx: Optional[DistContext] = None,
     channels_last: bool = False,
     loader=None,
+    camids: Optional[Sequence[int]] = None,
+    camera_images: int = 512,
 ) -> torch.Tensor:
     """Run ``model`` in eval mode over ``paths`` -> (N, D) float32 CPU tensor, rows in input order.
 
@@ -39,7 +42,15 @@ def extract_features(
     Under torch.distributed each rank extracts a contiguous shard and the shards are
     gathered, so every rank returns the full matrix. ``loader(path) -> PIL image`` reads the
     images (default :func:`~isereid.data.images.load_rgb`; e.g. a ResizedImageCache).
+
+    With camera-based BatchNorm (``model.bn_mode=camera``) and ``camids`` (N,), each camera's
+    images are extracted with that camera's statistics, estimated from up to ``camera_images`` of
+    them (models/camera_bn.py); without ``camids`` the running statistics are used.
     """
+    if camids is not None and has_camera_bn(model):
+        return _extract_by_camera(model, paths, transform, np.asarray(camids), camera_images,
+                                  batch_size=batch_size, workers=workers, device=device, progress=progress,
+                                  desc=desc, dist_ctx=dist_ctx, channels_last=channels_last, loader=loader)
     ctx = dist_ctx or DistContext(device=device or torch.device("cpu"))
     device = device or ctx.device
     shard = ctx.shard(len(paths))
@@ -64,6 +75,53 @@ def extract_features(
         dim = getattr(model, "num_features", None) or getattr(getattr(model, "module", None), "num_features", 0)
         local = torch.zeros((0, dim), device=device)
     return ctx.all_gather_uneven(local).cpu()
+
+
+def _extract_by_camera(model: nn.Module, paths: Sequence[str], transform, camids: np.ndarray, camera_images: int,
+                       **kwargs) -> torch.Tensor:
+    """:func:`extract_features` one camera at a time, each with its own BN statistics (every rank
+    estimates them from the same images, so the statistics agree across ranks)."""
+    if len(camids) != len(paths):
+        raise ValueError(f"{len(camids)} camera ids for {len(paths)} images")
+    parts: dict[int, torch.Tensor] = {}
+    for camera in np.unique(camids):
+        rows = np.flatnonzero(camids == camera)
+        chosen = [paths[i] for i in rows]
+        if len(rows) < 2:  # no statistics from one image: the running (all-camera) statistics
+            parts[int(camera)] = extract_features(model, chosen, transform, **kwargs)
+            continue
+        picked = np.unique(np.linspace(0, len(rows) - 1, min(camera_images, len(rows))).round().astype(int))
+        stats = _camera_statistics(model, [chosen[i] for i in picked], transform, kwargs)
+        with use_camera_statistics(model, stats):
+            parts[int(camera)] = extract_features(model, chosen, transform, **kwargs)
+    dim = next(iter(parts.values())).shape[1]
+    out = torch.empty((len(paths), dim), dtype=torch.float32)
+    for camera, feats in parts.items():
+        out[torch.as_tensor(np.flatnonzero(camids == camera))] = feats
+    return out
+
+
+def _camera_statistics(model: nn.Module, paths: list[str], transform, kwargs: dict):
+    """BN statistics of one camera from ``paths`` (at least two), in near-equal batches of at least two
+    rows (a batch of one row has no variance)."""
+    device = kwargs.get("device") or (kwargs["dist_ctx"].device if kwargs.get("dist_ctx") else torch.device("cpu"))
+    reader = kwargs.get("loader")
+    dataset = ImageDataset(paths, transform, **({"loader": reader} if reader else {}))
+    count = max(1, len(paths) // max(int(kwargs.get("batch_size", 256)), 2))  # batches of >= 2 rows
+    groups = np.array_split(np.arange(len(paths)), count)
+
+    def batches():
+        for group in groups:
+            images = torch.stack([dataset[int(i)][0] for i in group]).to(device)
+            yield images.contiguous(memory_format=torch.channels_last) if kwargs.get("channels_last") else images
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, enabled=False):
+            return camera_statistics(model, batches())
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------- the .npz file

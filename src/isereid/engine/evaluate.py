@@ -41,10 +41,12 @@ def evaluate_model(
         raise DatasetError(f"dataset {dataset.name} at {dataset.root} has no query/gallery split to evaluate on")
     paths = sorted({s.path for s in dataset.query} | {s.path for s in dataset.gallery})
     row = {p: i for i, p in enumerate(paths)}
+    camera = {s.path: s.camid for s in [*dataset.query, *dataset.gallery]}
     feats = extract_features(
         model, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
         workers=cfg.data.workers, device=device, progress=progress, desc="evaluate", dist_ctx=dist_ctx,
-        channels_last=cfg.model.channels_last,
+        channels_last=cfg.model.channels_last, camids=[camera[p] for p in paths],
+        camera_images=cfg.model.camera_bn_images,
     )
     qf = feats[[row[s.path] for s in dataset.query]]
     gf = feats[[row[s.path] for s in dataset.gallery]]

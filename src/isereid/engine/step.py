@@ -17,6 +17,7 @@ from ..errors import TrainingDiverged
 from ..ise import same_camera_candidates, support_samples
 from ..losses import label_preserving_loss
 from ..memory import ClusterMemory
+from ..models.camera_bn import camera_group_sizes, camera_groups
 
 
 def _fp32(features: torch.Tensor) -> torch.Tensor:
@@ -122,6 +123,21 @@ class StepParts:
     amp: bool = False
     grad_clip: Optional[float] = None
     channels_last: bool = False
+    camera_bn: bool = False  # model.bn_mode=camera: the forward normalises each camera's rows apart
+
+
+def _forward(parts: StepParts, images: torch.Tensor, camids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The network's features (b, D) of ``images``, rows in input order. With camera-based BN the
+    rows are sorted by camera for the forward (each BN layer then splits the batch into its camera
+    groups) and put back in input order after it."""
+    if not parts.camera_bn:
+        return parts.net(images)
+    if camids is None:
+        raise ValueError("model.bn_mode=camera needs the camera ids of the batch")
+    order = torch.argsort(camids.cpu(), stable=True)
+    with camera_groups(parts.net, camera_group_sizes(camids.cpu()[order])):
+        sorted_features = parts.net(images[order.to(images.device)])
+    return sorted_features[torch.argsort(order).to(sorted_features.device)]
 
 
 def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, camids: Optional[torch.Tensor],
@@ -139,7 +155,7 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, cam
     if parts.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, enabled=parts.amp):
-        local = parts.net(images)
+        local = _forward(parts, images, camids)
     features = gather_with_grad(local.float(), parts.ctx)
     labels = parts.ctx.all_gather(labels.to(device, non_blocking=True))
     cams = None if camids is None else parts.ctx.all_gather(camids.to(device, non_blocking=True))

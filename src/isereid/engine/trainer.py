@@ -118,7 +118,8 @@ def _camera_switches(cfg: Config) -> list[tuple[str, bool, str, str, bool]]:
             ("cluster.associate", cfg.cluster.associate, "true", "false", True),
             ("cluster.camera_jaccard", cfg.cluster.camera_jaccard, "true", "false", False),
             ("ise.foreign", cfg.ise.foreign == "same_camera", "same_camera", "any", True),
-            ("memory.camera_online", online > 0, str(online) if online > 0 else "1", "0", True)]
+            ("memory.camera_online", online > 0, str(online) if online > 0 else "1", "0", True),
+            ("model.bn_mode", cfg.model.bn_mode == "camera", "camera", "chunk", False)]
 
 
 def camera_switches_on(cfg: Config) -> dict[str, str]:
@@ -346,7 +347,7 @@ class Trainer:
             self.model, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
             workers=cfg.data.workers, device=self.device, progress=cfg.train.progress,
             desc=f"epoch {epoch + 1} features", dist_ctx=self.ctx, channels_last=cfg.model.channels_last,
-            loader=self._image_loader(),
+            loader=self._image_loader(), camids=self.camids, camera_images=cfg.model.camera_bn_images,
         )  # fp32, as evaluation features: one precision for clustering and evaluation
 
     def _image_loader(self):
@@ -460,9 +461,10 @@ class Trainer:
             net=self.net, model=self.model, optimizer=self.optimizer, scaler=self.scaler, memory=self.memory,
             ise=cfg.ise, memory_cfg=cfg.memory, ctx=self.ctx, camera_memory=self.camera_memory,
             cluster_cameras=self._cluster_cameras() if cfg.ise.foreign == "same_camera" else None,
-            amp=self.amp, grad_clip=cfg.train.grad_clip, channels_last=cfg.model.channels_last)
+            amp=self.amp, grad_clip=cfg.train.grad_clip, channels_last=cfg.model.channels_last,
+            camera_bn=cfg.model.bn_mode == "camera")
         # Camera id of each row of this epoch's dataset (the loader yields row indices).
-        need_cams = parts.camera_memory is not None or parts.cluster_cameras is not None
+        need_cams = parts.camera_memory is not None or parts.cluster_cameras is not None or parts.camera_bn
         epoch_cams = torch.as_tensor(self.camids[self.pseudo_labels >= 0]) if need_cams else None
         sums: dict[str, float] = {}
         bar = tqdm(loader, total=cfg.optim.iters, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import BN_MODES
 from ..errors import ConfigError
+from .camera_bn import CAMERA_CLASSES, CameraBatchNorm1d, CameraBatchNorm2d
 
 log = logging.getLogger("isereid")
 
@@ -90,7 +91,8 @@ def _check_chunk(chunk: int) -> int:
 
 
 _GHOST = {nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d}
-_PLAIN = {GhostBatchNorm1d: nn.BatchNorm1d, GhostBatchNorm2d: nn.BatchNorm2d}
+_PLAIN = {GhostBatchNorm1d: nn.BatchNorm1d, GhostBatchNorm2d: nn.BatchNorm2d,
+          CameraBatchNorm1d: nn.BatchNorm1d, CameraBatchNorm2d: nn.BatchNorm2d}
 
 
 def _replace(old: nn.modules.batchnorm._BatchNorm, cls: type, **kwargs) -> nn.Module:
@@ -127,6 +129,8 @@ def convert_batchnorm(module: nn.Module, mode: str, chunk: int = 64) -> nn.Modul
     * ``"sync"``: ``nn.SyncBatchNorm`` across the process group when ``torch.distributed`` is
       initialised; in a single process this is plain BN (a log message says so).
     * ``"plain"``: standard BN (ghost BN layers, if any, are turned back into plain ones).
+    * ``"camera"``: camera-based BN (models/camera_bn.py): each camera's rows normalised with that
+      camera's statistics, in training and at extraction.
     """
     if mode == "chunk":
         _check_chunk(chunk)
@@ -139,8 +143,11 @@ def convert_batchnorm(module: nn.Module, mode: str, chunk: int = 64) -> nn.Modul
             return _replace(m, cls, chunk=chunk) if cls is not None else None
 
         return _convert(module, fn)
-    if mode in ("plain", "sync"):
+    if mode in ("plain", "sync", "camera"):
         module = _convert(module, lambda m: _replace(m, _PLAIN[type(m)]) if type(m) in _PLAIN else None)
+        if mode == "camera":
+            return _convert(module, lambda m: _replace(m, CAMERA_CLASSES[type(m)])
+                            if type(m) in CAMERA_CLASSES else None)
         if mode == "sync":
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 return nn.SyncBatchNorm.convert_sync_batchnorm(module)

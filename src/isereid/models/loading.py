@@ -84,7 +84,10 @@ def infer_model_config(state: Mapping[str, torch.Tensor]) -> ModelConfig:
 def _config_from_dict(stored: Mapping[str, Any]) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in stored.items() if k in names})
-    return dataclasses.replace(cfg, pretrained=False, pretrained_path=None, bn_mode="plain")
+    # A camera-BN network keeps its layers (extraction with camera ids then uses per-camera statistics);
+    # every other BN flavour is plain BN at inference.
+    return dataclasses.replace(cfg, pretrained=False, pretrained_path=None,
+                               bn_mode="camera" if cfg.bn_mode == "camera" else "plain")
 
 
 @dataclasses.dataclass(frozen=True)
