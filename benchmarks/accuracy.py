@@ -89,6 +89,9 @@ VARIANTS = {
     # Camera-based BatchNorm (docs/camera_aware.md#camera-bn): every BN layer normalises each camera's
     # rows with that camera's statistics, in training and at extraction.
     "preset_camera_bn": ["model.bn_mode=camera"],
+    # CAP's proxy-balanced sampling (data.sampler=proxy): num_instances images per (cluster, camera)
+    # proxy instead of per cluster.
+    "preset_proxy_sampler": ["data.sampler=proxy"],
     "preset_colour_aug": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "data.grayscale_prob=0.2",
                           "data.color_jitter=0.2"],
 }

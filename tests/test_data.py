@@ -581,3 +581,40 @@ def test_resized_image_cache_is_bit_identical_to_decoding(tmp_path):
     assert cache(str(extra)).size == (16, 32) and len(cache) == 4
     with pytest.raises(DatasetError):
         cache(str(tmp_path / "missing.jpg"))
+
+
+def test_proxy_sampler_draws_num_instances_per_cluster_and_camera():
+    """data.sampler=proxy: every (cluster, camera) pair is one group of Z images of that camera per
+    pass (oracle: counting the pairs by hand); outliers never drawn; deterministic given the seed."""
+    from isereid.data.sampler import proxy_labels
+
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, -1, 2, 2, 2, 2, 2, 2])
+    camids = np.array([0, 0, 1, 1, 1, 0, 2, 2, 1, 5, 5, 5, 5, 5, 5])
+    proxies = proxy_labels(labels, camids)
+    pairs = {(int(a), int(c)) for a, c in zip(labels, camids) if a >= 0}
+    assert proxies[8] == -1 and len(set(proxies[proxies >= 0])) == len(pairs) == 5
+    for i in range(len(labels)):  # same proxy <=> same (cluster, camera)
+        for j in range(len(labels)):
+            if labels[i] >= 0 and labels[j] >= 0:
+                assert (proxies[i] == proxies[j]) == ((labels[i], camids[i]) == (labels[j], camids[j]))
+    z = 2
+    batches = epoch_batches(labels, camids, batch_size=4, num_instances=z, iters=30, seed=3, by="proxy")
+    # A pass: 4 proxies of >= 2 images give Z each, the singleton proxy (cluster 1, camera 0) gives 1.
+    assert batches.shape == (30, 4) and 8 not in batches
+    # One pass per row (batch_size = pass length 4 * Z + 1): each proxy once, as one block of its images.
+    for row in epoch_batches(labels, camids, batch_size=9, num_instances=z, iters=20, seed=4, by="proxy"):
+        cut = np.flatnonzero(np.diff(proxies[row])) + 1
+        blocks = np.split(row, cut)
+        assert sorted(int(proxies[b[0]]) for b in blocks) == list(range(5))
+        assert sorted(len(b) for b in blocks) == [1, 2, 2, 2, 2]
+    np.testing.assert_array_equal(
+        batches, epoch_batches(labels, camids, batch_size=4, num_instances=z, iters=30, seed=3, by="proxy"))
+    # Over many passes each proxy is drawn equally often (the by-cluster sampler draws cluster 2's
+    # single camera as often as cluster 0's two cameras together).
+    many = epoch_batches(labels, camids, batch_size=3, num_instances=z, iters=3000, seed=1, by="proxy").reshape(-1)
+    counts = np.bincount(proxies[many], minlength=5)
+    singleton = proxies[5]
+    others = np.delete(counts, singleton)
+    assert others.min() / others.max() > 0.95 and abs(counts[singleton] / others.mean() - 0.5) < 0.05
+    with pytest.raises(ValueError, match="'cluster' or 'proxy'"):
+        epoch_batches(labels, camids, 4, 2, 1, 0, by="camera")

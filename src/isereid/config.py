@@ -39,6 +39,8 @@ class DataConfig:
     width: int = 128
     batch_size: int = 256  # global batch (all ranks together)
     num_instances: int = 16  # images per pseudo-identity in a batch (Z)
+    # cluster: Z images per pseudo-identity (the reference); proxy: Z per (cluster, camera) proxy (CAP)
+    sampler: str = "cluster"
     workers: int = 4
     test_batch_size: int = 256
     flip_prob: float = 0.5
@@ -209,6 +211,7 @@ class Config:
 # The model's lists live here because isereid.models imports this module (the pure modules own theirs).
 POOLINGS = ("avg", "gem")
 BN_MODES = ("chunk", "sync", "plain", "camera")
+SAMPLERS = ("cluster", "proxy")
 
 # Each list has one source: the module that implements the choice (or the lines above).
 SCHEDULERS = ("step", "linear")
@@ -217,6 +220,7 @@ CHOICES = {
     "data.dataset": DATASET_NAMES,
     "model.pooling": POOLINGS,
     "model.bn_mode": BN_MODES,
+    "data.sampler": SAMPLERS,
     "cluster.knn_backend": KNN_BACKENDS,
     "memory.mode": MEMORY_MODES,
     "ise.lp_negatives": NEGATIVES,

@@ -70,16 +70,35 @@ def sample_pass(labels, camids, num_instances: int, rng: np.random.Generator) ->
     return _Groups(labels, camids).sample_pass(num_instances, rng)
 
 
-def epoch_batches(labels, camids, batch_size: int, num_instances: int, iters: int, seed: int) -> np.ndarray:
+def proxy_labels(labels, camids) -> np.ndarray:
+    """(N,) labels of the (cluster, camera) proxies: one label per pair that occurs, -1 for outliers."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    camids = np.asarray(camids, dtype=np.int64).reshape(-1)
+    out = np.full(labels.shape, -1, dtype=np.int64)
+    valid = labels >= 0
+    if valid.any():
+        pairs = np.stack([labels[valid], camids[valid]], axis=1)
+        out[valid] = np.unique(pairs, axis=0, return_inverse=True)[1].reshape(-1)
+    return out
+
+
+def epoch_batches(labels, camids, batch_size: int, num_instances: int, iters: int, seed: int,
+                  by: str = "cluster") -> np.ndarray:
     """``(iters, batch_size)`` int64 indices for one epoch.
 
     Passes of :func:`sample_pass` are cut into ``floor(len / batch_size)`` batches each (the
     DataLoader's drop_last) and a new pass starts whenever one runs out, as the reference's
     IterLoader does. Deterministic given ``seed``.
+
+    ``by="proxy"`` (``data.sampler=proxy``): the groups are the (cluster, camera) proxies instead of
+    the clusters, CAP's proxy-balanced sampling: every proxy gives ``num_instances`` images of its
+    own camera per pass, so the cameras of a cross-camera cluster are drawn equally often.
     """
     if batch_size < 1 or num_instances < 1 or iters < 0:
         raise ValueError(f"batch_size={batch_size}, num_instances={num_instances}, iters={iters} must be positive")
-    groups = _Groups(labels, camids)
+    if by not in ("cluster", "proxy"):
+        raise ValueError(f"by must be 'cluster' or 'proxy', got {by!r}")
+    groups = _Groups(proxy_labels(labels, camids) if by == "proxy" else labels, camids)
     per_pass = groups.length(num_instances) // batch_size
     if per_pass == 0:
         n = sum(len(idx) for idx in groups.indices)

@@ -442,7 +442,7 @@ class Trainer:
         labels = self.pseudo_labels[keep]
         camids = np.array([self.train_samples[i].camid for i in keep])
         batches = epoch_batches(labels, camids, cfg.data.batch_size, cfg.data.num_instances, cfg.optim.iters,
-                                seed=cfg.seed * 100_003 + epoch)
+                                seed=cfg.seed * 100_003 + epoch, by=cfg.data.sampler)
         loader = self._image_loader()
         dataset = ImageDataset([self.train_samples[i].path for i in keep], build_train_transform(cfg.data),
                                labels=labels.tolist(), **({"loader": loader} if loader else {}))
