@@ -89,6 +89,8 @@ VARIANTS = {
     # Camera-based BatchNorm (docs/camera_aware.md#camera-bn): every BN layer normalises each camera's
     # rows with that camera's statistics, in training and at extraction.
     "preset_camera_bn": ["model.bn_mode=camera"],
+    # The supervised ceiling of a preset with camera-based BatchNorm.
+    "supervised_camera_bn": ["train.supervised=true", "model.bn_mode=camera"],
     # CAP's proxy-balanced sampling (data.sampler=proxy): num_instances images per (cluster, camera)
     # proxy instead of per cluster.
     "preset_proxy_sampler": ["data.sampler=proxy"],

@@ -243,3 +243,11 @@ def test_trainer_groups_batches_by_camera_and_the_saved_model_scores_the_same(ti
     best = max(history, key=lambda r: r.mAP)
     again = evaluate_model(model, dataset, cfg, torch.device("cpu"), progress=False)
     assert again.result.mAP == pytest.approx(best.mAP, abs=1e-5)
+
+
+def test_extraction_of_no_images_with_camera_ids():
+    import torchvision.transforms as T
+    feats = extract_features(convert_batchnorm(_net(), "camera"), [], T.ToTensor(), progress=False, camids=[])
+    assert feats.shape == (0, 0) or feats.shape[0] == 0
+    with pytest.raises(ValueError, match="2 camera ids for 1 images"):
+        extract_features(convert_batchnorm(_net(), "camera"), ["a.png"], T.ToTensor(), progress=False, camids=[0, 1])

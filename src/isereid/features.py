@@ -83,37 +83,40 @@ def _extract_by_camera(model: nn.Module, paths: Sequence[str], transform, camids
     estimates them from the same images, so the statistics agree across ranks)."""
     if len(camids) != len(paths):
         raise ValueError(f"{len(camids)} camera ids for {len(paths)} images")
-    parts: dict[int, torch.Tensor] = {}
+    if len(paths) == 0:
+        return extract_features(model, paths, transform, **kwargs)
+    ctx = kwargs.get("dist_ctx")
+    device = kwargs.get("device") or (ctx.device if ctx is not None else torch.device("cpu"))
+    out: Optional[torch.Tensor] = None
     for camera in np.unique(camids):
         rows = np.flatnonzero(camids == camera)
         chosen = [paths[i] for i in rows]
         if len(rows) < 2:  # no statistics from one image: the running (all-camera) statistics
-            parts[int(camera)] = extract_features(model, chosen, transform, **kwargs)
-            continue
-        picked = np.unique(np.linspace(0, len(rows) - 1, min(camera_images, len(rows))).round().astype(int))
-        stats = _camera_statistics(model, [chosen[i] for i in picked], transform, kwargs)
-        with use_camera_statistics(model, stats):
-            parts[int(camera)] = extract_features(model, chosen, transform, **kwargs)
-    dim = next(iter(parts.values())).shape[1]
-    out = torch.empty((len(paths), dim), dtype=torch.float32)
-    for camera, feats in parts.items():
-        out[torch.as_tensor(np.flatnonzero(camids == camera))] = feats
+            feats = extract_features(model, chosen, transform, **kwargs)
+        else:
+            picked = np.unique(np.linspace(0, len(rows) - 1, min(camera_images, len(rows))).round().astype(int))
+            stats = _camera_statistics(model, [chosen[i] for i in picked], transform, device,
+                                       batch_size=kwargs.get("batch_size", 256), reader=kwargs.get("loader"),
+                                       channels_last=kwargs.get("channels_last", False))
+            with use_camera_statistics(model, stats):
+                feats = extract_features(model, chosen, transform, **kwargs)
+        if out is None:
+            out = torch.empty((len(paths), feats.shape[1]), dtype=torch.float32)
+        out[torch.from_numpy(rows)] = feats
     return out
 
 
-def _camera_statistics(model: nn.Module, paths: list[str], transform, kwargs: dict):
+def _camera_statistics(model: nn.Module, paths: list[str], transform, device: torch.device, batch_size: int,
+                       reader=None, channels_last: bool = False):
     """BN statistics of one camera from ``paths`` (at least two), in near-equal batches of at least two
-    rows (a batch of one row has no variance)."""
-    device = kwargs.get("device") or (kwargs["dist_ctx"].device if kwargs.get("dist_ctx") else torch.device("cpu"))
-    reader = kwargs.get("loader")
+    rows (a batch of one row has no variance), the model in eval mode and float32."""
     dataset = ImageDataset(paths, transform, **({"loader": reader} if reader else {}))
-    count = max(1, len(paths) // max(int(kwargs.get("batch_size", 256)), 2))  # batches of >= 2 rows
-    groups = np.array_split(np.arange(len(paths)), count)
+    count = max(1, len(paths) // max(int(batch_size), 2))
 
     def batches():
-        for group in groups:
+        for group in np.array_split(np.arange(len(paths)), count):
             images = torch.stack([dataset[int(i)][0] for i in group]).to(device)
-            yield images.contiguous(memory_format=torch.channels_last) if kwargs.get("channels_last") else images
+            yield images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
     was_training = model.training
     model.eval()
