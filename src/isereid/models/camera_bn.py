@@ -55,11 +55,14 @@ class _CameraMixin:
         return super().forward(x)  # type: ignore[misc]
 
     def _accumulate(self, x: torch.Tensor) -> torch.Tensor:
+        # The batch's biased variance and mean (one native reduction in x's precision), pooled across
+        # batches in float64 as count-weighted sums of mean and of var + mean², i.e. of x and x².
         dims = [d for d in range(x.dim()) if d != 1]
-        values = x.detach().double()
-        self.accumulator[0] += values.sum(dims)
-        self.accumulator[1] += values.square().sum(dims)
-        self.accumulator[2] += values.numel() // values.shape[1]
+        var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+        count = x.numel() // x.shape[1]
+        self.accumulator[0] += count * mean.double()
+        self.accumulator[1] += count * (var.double() + mean.double().square())
+        self.accumulator[2] += count
         # Normalise with this batch's statistics so that the next layers see what they see in training.
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)  # type: ignore[attr-defined]
 
