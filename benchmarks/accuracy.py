@@ -94,6 +94,8 @@ VARIANTS = {
     # CAP's proxy-balanced sampling (data.sampler=proxy): num_instances images per (cluster, camera)
     # proxy instead of per cluster.
     "preset_proxy_sampler": ["data.sampler=proxy"],
+    # Both, the proxy sampler measured on top of camera-based BatchNorm.
+    "preset_camera_bn_proxy": ["model.bn_mode=camera", "data.sampler=proxy"],
     "preset_colour_aug": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "data.grayscale_prob=0.2",
                           "data.color_jitter=0.2"],
 }

@@ -251,3 +251,19 @@ def test_extraction_of_no_images_with_camera_ids():
     assert feats.shape == (0, 0) or feats.shape[0] == 0
     with pytest.raises(ValueError, match="2 camera ids for 1 images"):
         extract_features(convert_batchnorm(_net(), "camera"), ["a.png"], T.ToTensor(), progress=False, camids=[0, 1])
+
+
+def test_one_camera_trains_as_plain_bn_with_its_own_statistics(tmp_path):
+    """bn_mode=camera on single-camera data is no error: the batch is one group (plain BN)."""
+    from isereid.config import load_config
+    from isereid.engine.trainer import camera_switches_on
+
+    cfg = load_config("demo", ["model.bn_mode=camera", "memory.camera_aware=false", "memory.camera_online=0",
+                               "cluster.camera_norm=false", "cluster.associate=false", "ise.foreign=any"])
+    assert camera_switches_on(cfg) == {}
+    torch.manual_seed(5)
+    x = torch.randn(6, 3, 8, 6)
+    net = convert_batchnorm(_net(), "camera").train()
+    parts = StepParts(net=net, model=net, optimizer=None, scaler=None, memory=None, ise=None, memory_cfg=None,
+                      ctx=None, camera_bn=True)
+    torch.testing.assert_close(_forward(parts, x, torch.zeros(6, dtype=torch.long)), _net().train()(x))

@@ -80,7 +80,7 @@ def test_camera_options_need_two_cameras(tmp_path):
     dataset = ReidDataset(name="folder", root=root, train=samples, query=[], gallery=[])
     off = ["memory.camera_aware=false", "memory.camera_online=0", "cluster.camera_norm=false"]  # demo turns these on
     for option in ("memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true",
-                   "ise.foreign=same_camera", "model.bn_mode=camera"):
+                   "ise.foreign=same_camera"):
         cfg = load_config("demo", [*TINY, *off, option])
         with pytest.raises(ConfigError, match="two or more cameras") as err:
             Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())

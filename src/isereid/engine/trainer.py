@@ -111,15 +111,17 @@ def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> torch
 def _camera_switches(cfg: Config) -> list[tuple[str, bool, str, str, bool]]:
     """Every camera option: (key, on in ``cfg``, its "on" value to suggest or report, its off value,
     whether the camera-pure warning suggests it: the options measured to help on real crops,
-    docs/camera_aware.md#measured)."""
+    docs/camera_aware.md#measured).
+
+    ``model.bn_mode=camera`` is not among them: with one camera it is plain BatchNorm whose
+    statistics come from the images being embedded, well defined and harmless."""
     online = cfg.memory.camera_online
     return [("memory.camera_aware", cfg.memory.camera_aware, "true", "false", True),
             ("cluster.camera_norm", cfg.cluster.camera_norm, "true", "false", True),
             ("cluster.associate", cfg.cluster.associate, "true", "false", True),
             ("cluster.camera_jaccard", cfg.cluster.camera_jaccard, "true", "false", False),
             ("ise.foreign", cfg.ise.foreign == "same_camera", "same_camera", "any", True),
-            ("memory.camera_online", online > 0, str(online) if online > 0 else "1", "0", True),
-            ("model.bn_mode", cfg.model.bn_mode == "camera", "camera", "chunk", False)]
+            ("memory.camera_online", online > 0, str(online) if online > 0 else "1", "0", True)]
 
 
 def camera_switches_on(cfg: Config) -> dict[str, str]:
