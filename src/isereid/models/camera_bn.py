@@ -63,8 +63,9 @@ class _CameraMixin:
         self.accumulator[0] += count * mean.double()
         self.accumulator[1] += count * (var.double() + mean.double().square())
         self.accumulator[2] += count
-        # Normalise with this batch's statistics so that the next layers see what they see in training.
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)  # type: ignore[attr-defined]
+        # Normalise with this batch's statistics (biased variance, as train-mode BN) so that the next
+        # layers see what they see in training; passed in, so that they are not computed twice.
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)  # type: ignore[attr-defined]
 
 
 class CameraBatchNorm1d(_CameraMixin, nn.BatchNorm1d):
