@@ -36,11 +36,11 @@ from pathlib import Path
 
 from isereid.utils import atomic_write_text
 
-# Plain ISE: every camera switch and the colour cue off, whatever the preset turns on (the clustering
-# radius stays the preset's).
+# Plain ISE: every camera switch, the colour cue and camera-based BatchNorm off, whatever the preset
+# turns on (the clustering radius stays the preset's).
 _PLAIN = ["memory.camera_aware=false", "memory.camera_online=0", "cluster.camera_norm=false",
           "cluster.associate=false", "cluster.camera_jaccard=false", "ise.foreign=any", "memory.cluster_weight=1.0",
-          "cluster.colour_weight=0"]
+          "cluster.colour_weight=0", "model.bn_mode=chunk"]
 _CAMERA = ["memory.camera_aware=true", "cluster.camera_norm=true"]
 VARIANTS = {
     "direct": None,

@@ -66,7 +66,9 @@ def test_accuracy_variants_are_valid_and_plain_ise_is_plain(preset):
             load_config(preset, overrides)
     shipped = load_config(preset)
     assert camera_switches_on(shipped) and shipped.cluster.colour_weight > 0  # else the check below is empty
+    assert shipped.model.bn_mode == "camera"
     for name in ("ise", "pil", "lp", "baseline"):
         plain = load_config(preset, accuracy.VARIANTS[name])
         assert camera_switches_on(plain) == {} and plain.cluster.colour_weight == 0, name
+        assert plain.model.bn_mode != "camera", name
     assert accuracy.VARIANTS["preset"] == []
