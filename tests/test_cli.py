@@ -125,7 +125,6 @@ def test_extract(trained_run, demo_root, tmp_path):
     from isereid.config import load_config
     from isereid.data.images import ImageDataset
     from isereid.data.transforms import build_test_transform
-
     from isereid.models.camera_bn import camera_statistics, has_camera_bn, use_camera_statistics
 
     model = isereid.load_model(trained_run / "model_best.pt")
