@@ -86,18 +86,20 @@ VARIANTS = {
     # The colour cue plus training augmentation against a camera's colour cast (docs/camera_aware.md,
     # section 2d): random greyscale with probability 0.2 and jitter 0.2 of brightness, contrast and
     # saturation; moderate values chosen before any run, not tuned.
+    "preset_colour_aug": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "data.grayscale_prob=0.2",
+                          "data.color_jitter=0.2"],
     # Camera-based BatchNorm (docs/camera_aware.md#camera-bn): every BN layer normalises each camera's
-    # rows with that camera's statistics, in training and at extraction.
+    # rows with that camera's statistics, in training and at extraction. In the cpu and demo presets
+    # since 2026-12-03 (fifth round), so this row now runs `preset`.
     "preset_camera_bn": ["model.bn_mode=camera"],
-    # The supervised ceiling of a preset with camera-based BatchNorm.
+    # The supervised ceiling of a preset with camera-based BatchNorm (now the same as `supervised`).
     "supervised_camera_bn": ["train.supervised=true", "model.bn_mode=camera"],
     # CAP's proxy-balanced sampling (data.sampler=proxy): num_instances images per (cluster, camera)
     # proxy instead of per cluster.
     "preset_proxy_sampler": ["data.sampler=proxy"],
-    # Both, the proxy sampler measured on top of camera-based BatchNorm.
+    # Both, the proxy sampler measured on top of camera-based BatchNorm (with camera BN in the presets,
+    # `preset_proxy_sampler` now runs the same).
     "preset_camera_bn_proxy": ["model.bn_mode=camera", "data.sampler=proxy"],
-    "preset_colour_aug": ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "data.grayscale_prob=0.2",
-                          "data.color_jitter=0.2"],
 }
 
 

@@ -616,5 +616,5 @@ def test_proxy_sampler_draws_num_instances_per_cluster_and_camera():
     singleton = proxies[5]
     others = np.delete(counts, singleton)
     assert others.min() / others.max() > 0.95 and abs(counts[singleton] / others.mean() - 0.5) < 0.05
-    with pytest.raises(ValueError, match="'cluster' or 'proxy'"):
+    with pytest.raises(ValueError, match="one of 'cluster', 'proxy'"):
         epoch_batches(labels, camids, 4, 2, 1, 0, by="camera")

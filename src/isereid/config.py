@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .clustering.knn import KNN_BACKENDS
 from .data.datasets import DATASET_NAMES
+from .data.sampler import SAMPLERS
 from .errors import ConfigError, first_line
 from .ise import FOREIGN
 from .losses import NEGATIVES
@@ -211,7 +212,6 @@ class Config:
 # The model's lists live here because isereid.models imports this module (the pure modules own theirs).
 POOLINGS = ("avg", "gem")
 BN_MODES = ("chunk", "sync", "plain", "camera")
-SAMPLERS = ("cluster", "proxy")
 
 # Each list has one source: the module that implements the choice (or the lines above).
 SCHEDULERS = ("step", "linear")

@@ -47,12 +47,12 @@ def extract_features(
     images are extracted with that camera's statistics, estimated from up to ``camera_images`` of
     them (models/camera_bn.py); without ``camids`` the running statistics are used.
     """
+    ctx = dist_ctx or DistContext(device=device or torch.device("cpu"))
+    device = device or ctx.device
     if camids is not None and has_camera_bn(model):
         return _extract_by_camera(model, paths, transform, np.asarray(camids), camera_images,
                                   batch_size=batch_size, workers=workers, device=device, progress=progress,
-                                  desc=desc, dist_ctx=dist_ctx, channels_last=channels_last, loader=loader)
-    ctx = dist_ctx or DistContext(device=device or torch.device("cpu"))
-    device = device or ctx.device
+                                  desc=desc, dist_ctx=ctx, channels_last=channels_last, loader=loader)
     shard = ctx.shard(len(paths))
     dataset = ImageDataset([paths[i] for i in shard], transform, **({"loader": loader} if loader else {}))
     loader = make_loader(dataset, workers, batch_size=batch_size, shuffle=False,
@@ -80,13 +80,12 @@ def extract_features(
 def _extract_by_camera(model: nn.Module, paths: Sequence[str], transform, camids: np.ndarray, camera_images: int,
                        **kwargs) -> torch.Tensor:
     """:func:`extract_features` one camera at a time, each with its own BN statistics (every rank
-    estimates them from the same images, so the statistics agree across ranks)."""
+    estimates them from the same images, so the statistics agree across ranks). ``kwargs``: every
+    other argument of :func:`extract_features`, device and dist_ctx resolved."""
     if len(camids) != len(paths):
         raise ValueError(f"{len(camids)} camera ids for {len(paths)} images")
     if len(paths) == 0:
         return extract_features(model, paths, transform, **kwargs)
-    ctx = kwargs.get("dist_ctx")
-    device = kwargs.get("device") or (ctx.device if ctx is not None else torch.device("cpu"))
     out: Optional[torch.Tensor] = None
     for camera in np.unique(camids):
         rows = np.flatnonzero(camids == camera)
@@ -95,9 +94,9 @@ def _extract_by_camera(model: nn.Module, paths: Sequence[str], transform, camids
             feats = extract_features(model, chosen, transform, **kwargs)
         else:
             picked = np.unique(np.linspace(0, len(rows) - 1, min(camera_images, len(rows))).round().astype(int))
-            stats = _camera_statistics(model, [chosen[i] for i in picked], transform, device,
-                                       batch_size=kwargs.get("batch_size", 256), reader=kwargs.get("loader"),
-                                       channels_last=kwargs.get("channels_last", False))
+            stats = _camera_statistics(model, [chosen[i] for i in picked], transform, kwargs["device"],
+                                       batch_size=kwargs["batch_size"], reader=kwargs["loader"],
+                                       channels_last=kwargs["channels_last"])
             with use_camera_statistics(model, stats):
                 feats = extract_features(model, chosen, transform, **kwargs)
         if out is None:

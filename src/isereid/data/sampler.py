@@ -17,6 +17,8 @@ import torch
 
 from ..errors import ClusteringError
 
+SAMPLERS = ("cluster", "proxy")  # data.sampler: per pseudo-identity (the reference) or per (cluster, camera)
+
 
 class _Groups:
     """Dataset indices and cameras of every cluster, grouped once with a stable argsort."""
@@ -96,8 +98,8 @@ def epoch_batches(labels, camids, batch_size: int, num_instances: int, iters: in
     """
     if batch_size < 1 or num_instances < 1 or iters < 0:
         raise ValueError(f"batch_size={batch_size}, num_instances={num_instances}, iters={iters} must be positive")
-    if by not in ("cluster", "proxy"):
-        raise ValueError(f"by must be 'cluster' or 'proxy', got {by!r}")
+    if by not in SAMPLERS:
+        raise ValueError(f"by must be one of {', '.join(map(repr, SAMPLERS))}, got {by!r}")
     groups = _Groups(proxy_labels(labels, camids) if by == "proxy" else labels, camids)
     per_pass = groups.length(num_instances) // batch_size
     if per_pass == 0:

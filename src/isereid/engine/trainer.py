@@ -46,6 +46,7 @@ from ..features import extract_features
 from ..ise import interpolation_weight
 from ..memory import ClusterMemory
 from ..models import build_model, trainable_parameters
+from ..models.camera_bn import has_camera_bn
 from ..utils import atomic_write_text, failpoint, seed_everything
 from . import checkpoint as ckpt
 from .evaluate import evaluate_model
@@ -464,7 +465,7 @@ class Trainer:
             ise=cfg.ise, memory_cfg=cfg.memory, ctx=self.ctx, camera_memory=self.camera_memory,
             cluster_cameras=self._cluster_cameras() if cfg.ise.foreign == "same_camera" else None,
             amp=self.amp, grad_clip=cfg.train.grad_clip, channels_last=cfg.model.channels_last,
-            camera_bn=cfg.model.bn_mode == "camera")
+            camera_bn=has_camera_bn(self.model))
         # Camera id of each row of this epoch's dataset (the loader yields row indices).
         need_cams = parts.camera_memory is not None or parts.cluster_cameras is not None or parts.camera_bn
         epoch_cams = torch.as_tensor(self.camids[self.pseudo_labels >= 0]) if need_cams else None
