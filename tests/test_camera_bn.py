@@ -267,3 +267,41 @@ def test_one_camera_trains_as_plain_bn_with_its_own_statistics(tmp_path):
     parts = StepParts(net=net, model=net, optimizer=None, scaler=None, memory=None, ise=None, memory_cfg=None,
                       ctx=None, camera_bn=True)
     torch.testing.assert_close(_forward(parts, x, torch.zeros(6, dtype=torch.long)), _net().train()(x))
+
+
+def test_channels_last_groups_and_statistics_match_the_contiguous_layout():
+    """``model.channels_last`` (the presets' faster CPU layout): grouped training, calibration and
+    normalisation with the statistics give the contiguous results, and every 2d layer's output stays
+    channels-last (a join that fell back to NCHW would make every later convolution convert)."""
+    torch.manual_seed(6)
+    x = torch.randn(9, 3, 8, 6)
+    contiguous = convert_batchnorm(_net(), "camera").train()
+    cl = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    layouts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last)))
+             for m in cl if isinstance(m, CameraBatchNorm2d)]
+    with camera_groups(contiguous, [4, 5]):
+        expected = contiguous(x)
+    with camera_groups(cl, [4, 5]):
+        out = cl(xcl)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    expected.square().sum().backward()
+    out.square().sum().backward()
+    # One relative error over all parameter gradients: the BN2d bias before the final BN1d has a
+    # gradient of exactly 0 in exact arithmetic (BN1d removes a constant shift), where both layouts
+    # leave only rounding, so a per-tensor relative tolerance would compare noise with noise.
+    grads = torch.cat([p.grad.flatten() for p in contiguous.parameters()])
+    grads_cl = torch.cat([q.grad.flatten() for q in cl.parameters()])
+    assert (grads_cl - grads).norm() <= 1e-5 * grads.norm()
+    batches = [torch.randn(5, 3, 8, 6) - 0.3, torch.randn(4, 3, 8, 6) - 0.3]
+    stats = camera_statistics(contiguous.eval(), batches)
+    stats_cl = camera_statistics(cl.eval(), [b.contiguous(memory_format=torch.channels_last) for b in batches])
+    for (m, v), (mc, vc) in zip(stats, stats_cl):
+        torch.testing.assert_close(mc, m, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vc, v, rtol=1e-5, atol=1e-6)
+    with use_camera_statistics(contiguous, stats), use_camera_statistics(cl, stats_cl):
+        torch.testing.assert_close(cl(xcl), contiguous(x), rtol=1e-5, atol=1e-5)
+    for h in hooks:
+        h.remove()
+    assert layouts and all(layouts)
