@@ -145,11 +145,15 @@ def test_stopped_run_resumes_bit_identical_and_repairs_the_folder(demo, tmp_path
     torch.testing.assert_close(again.memory.centroids, whole.memory.centroids, rtol=0, atol=0)
 
 
-def test_camera_aware_run_resumes_bit_identical(demo, tmp_path):
+@pytest.mark.parametrize("layout", [(), ("model.bn_mode=camera", "model.channels_last=true")],
+                         ids=["default", "camera_bn_channels_last"])
+def test_camera_aware_run_resumes_bit_identical(demo, tmp_path, layout):
     """With cluster.every=2 epoch 2 trains on the memories restored from the checkpoint (no
     re-clustering): both must come back bit for bit, which rebuilding them through the constructors
-    (which re-normalise) did not."""
-    overrides = ("memory.camera_aware=true", "ise.foreign=same_camera", "cluster.every=2", "memory.camera_online=1")
+    (which re-normalise) did not. Also in the cpu preset's layout: camera-based BatchNorm with
+    channels-last weights, whose optimizer state must come back in the same layout."""
+    overrides = ("memory.camera_aware=true", "ise.foreign=same_camera", "cluster.every=2", "memory.camera_online=1",
+                 *layout)
     whole = _trainer(demo, tmp_path / "whole", *overrides)
     whole.run()
     out = tmp_path / "stopped"
