@@ -105,8 +105,12 @@ VARIANTS = {
     "preset_channels_last": ["model.channels_last=true"],
     # What the saved time buys: 140 iterations an epoch in channels-last, about 19 idle minutes a run
     # (benchmarks/epoch_profile.py: 94 s an epoch of 100 iterations, 0.56 s an iteration), and its ceiling.
+    # The cpu preset since the sixth round (docs/benchmarks.md), so on cpu these now run `preset` and
+    # `supervised`.
     "preset_cl_iters140": ["model.channels_last=true", "optim.iters=140"],
     "supervised_cl_iters140": ["train.supervised=true", "model.channels_last=true", "optim.iters=140"],
+    # The cpu preset of the fifth round (camera-based BatchNorm, contiguous layout, 100 iterations an epoch).
+    "preset_fifth_round": ["model.channels_last=false", "optim.iters=100"],
 }
 
 
