@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,13 @@ VARIANTS = {
 
 def _isereid() -> list[str]:
     return [sys.executable, "-m", "isereid"]
+
+
+def _stop_children_on_sigterm() -> None:
+    """``kill PID`` of this script must not leave its training run going on alone: SIGTERM becomes
+    SystemExit, on which ``subprocess.run`` kills the child it waits for (the run keeps its last
+    checkpoint and resumes when the same command is run again)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _run(cmd: list[str], log_path: Path) -> float:
@@ -220,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="accuracy-runs", help="run folders (reused when re-run)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every variant")
     args = p.parse_args(argv)
+    _stop_children_on_sigterm()
     variants = dict(VARIANTS)
     for d in args.define:
         name, _, spec = d.partition("=")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,40 @@ def _accuracy_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_accuracy_sigterm_stops_the_training_run_it_waits_for(tmp_path, stop_children=True):
+    """``kill PID`` of accuracy.py once left its ``isereid train`` child running alone. A stand-in
+    child writes its pid and sleeps; after SIGTERM to the script's process both must be gone."""
+    import signal
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    driver = "\n".join([
+        "import importlib.util, sys",
+        "from pathlib import Path",
+        f"spec = importlib.util.spec_from_file_location('acc', {str(ROOT / 'benchmarks' / 'accuracy.py')!r})",
+        "acc = importlib.util.module_from_spec(spec); spec.loader.exec_module(acc)",
+        "acc._stop_children_on_sigterm()" if stop_children else "",
+        f"acc._run([sys.executable, '-c', {child!r}], Path({str(tmp_path / 'log.txt')!r}))",
+    ])
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == (128 + signal.SIGTERM if stop_children else -signal.SIGTERM)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the child outlived accuracy.py's SIGTERM")
 
 
 @pytest.mark.parametrize("preset", ["cpu", "demo"])
