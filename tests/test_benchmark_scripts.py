@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,11 +56,11 @@ def _accuracy_module():
     return module
 
 
-def test_accuracy_sigterm_stops_the_training_run_it_waits_for(tmp_path, stop_children=True):
+@pytest.mark.parametrize("handler", [True, False], ids=["handler", "without_handler"])
+def test_accuracy_sigterm_stops_the_training_run_it_waits_for(tmp_path, handler):
     """``kill PID`` of accuracy.py once left its ``isereid train`` child running alone. A stand-in
-    child writes its pid and sleeps; after SIGTERM to the script's process both must be gone."""
-    import signal
-
+    child writes its pid and sleeps; after SIGTERM to the script's process it must be gone, and
+    without the handler (the control) it must still be running: the check can tell the two apart."""
     pid_file = tmp_path / "child.pid"
     child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
     driver = "\n".join([
@@ -67,7 +68,7 @@ def test_accuracy_sigterm_stops_the_training_run_it_waits_for(tmp_path, stop_chi
         "from pathlib import Path",
         f"spec = importlib.util.spec_from_file_location('acc', {str(ROOT / 'benchmarks' / 'accuracy.py')!r})",
         "acc = importlib.util.module_from_spec(spec); spec.loader.exec_module(acc)",
-        "acc._stop_children_on_sigterm()" if stop_children else "",
+        "acc._stop_children_on_sigterm()" if handler else "",
         f"acc._run([sys.executable, '-c', {child!r}], Path({str(tmp_path / 'log.txt')!r}))",
     ])
     proc = subprocess.Popen([sys.executable, "-c", driver])
@@ -76,15 +77,23 @@ def test_accuracy_sigterm_stops_the_training_run_it_waits_for(tmp_path, stop_chi
         time.sleep(0.1)
     child_pid = int(pid_file.read_text())
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == (128 + signal.SIGTERM if stop_children else -signal.SIGTERM)
-    deadline = time.time() + 10
-    while time.time() < deadline:
+    assert proc.wait(timeout=30) == (128 + signal.SIGTERM if handler else -signal.SIGTERM)
+
+    def alive() -> bool:
         try:
             os.kill(child_pid, 0)
         except ProcessLookupError:
-            break
+            return False
+        return True
+
+    if not handler:
+        assert alive()
+        os.kill(child_pid, signal.SIGKILL)
+        return
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
         time.sleep(0.1)
-    else:
+    if alive():
         os.kill(child_pid, signal.SIGKILL)
         pytest.fail("the child outlived accuracy.py's SIGTERM")
 

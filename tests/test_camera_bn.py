@@ -270,7 +270,7 @@ def test_one_camera_trains_as_plain_bn_with_its_own_statistics(tmp_path):
 
 
 def test_channels_last_groups_and_statistics_match_the_contiguous_layout():
-    """``model.channels_last`` (the presets' faster CPU layout): grouped training, calibration and
+    """``model.channels_last`` (the cpu preset's faster CPU layout): grouped training, calibration and
     normalisation with the statistics give the contiguous results, and every 2d layer's output stays
     channels-last (a join that fell back to NCHW would make every later convolution convert)."""
     torch.manual_seed(6)
