@@ -67,6 +67,8 @@ VARIANTS = {
                           "cluster.k2_intra=2", "cluster.k2_inter=1", "cluster.camera_jaccard_start=3"],
     # The preset with the learning rate falling linearly to lr / epochs over the run (budget-aware).
     "preset_linear_lr": ["optim.scheduler=linear"],
+    # Its ceiling: true labels under the same schedule, so that the label efficiency compares like with like.
+    "supervised_linear_lr": ["train.supervised=true", "optim.scheduler=linear"],
     # The preset with 140 iterations an epoch: what 20 minutes on an idle 2-core machine hold
     # (benchmarks/epoch_profile.py: 91 s for an epoch of 100 iterations, 0.59 s an iteration).
     "preset_iters140": ["optim.iters=140"],
