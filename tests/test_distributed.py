@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import os
 import socket
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
+from torchvision.transforms import ToTensor
 
 from isereid.camera_memory import CameraProxyMemory
 from isereid.config import ISEConfig, MemoryConfig, ModelConfig
 from isereid.distributed import DistContext, gather_with_grad
-from isereid.engine.step import camera_losses, ise_losses
+from isereid.engine.step import _forward, camera_losses, ise_losses
+from isereid.features import extract_features
 from isereid.memory import ClusterMemory
 from isereid.models import build_model, trainable_parameters
 
@@ -27,10 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _problem():
+def _problem(bn_mode: str = "chunk"):
     """Model, inputs, labels and memory, identical in every process (seeded)."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="resnet18", pretrained=False, bn_mode="chunk", bn_chunk=CHUNK))
+    model = build_model(ModelConfig(arch="resnet18", pretrained=False, bn_mode=bn_mode, bn_chunk=CHUNK))
     g = torch.Generator().manual_seed(1)
     images = torch.randn(BATCH, 3, 32, 16, generator=g)
     # asymmetric: rank 0 holds identities 2 and 0, rank 1 identities 5 and 1
@@ -49,11 +54,12 @@ MEMORY_CFG = MemoryConfig(mode="ori", momentum=0.1, camera_aware=True, camera_in
                           camera_inter_weight=0.5)
 
 
-def _step(model, images, labels, cams, memory, camera, ctx: DistContext, net):
+def _step(model, images, labels, cams, memory, camera, ctx: DistContext, net, camera_bn: bool = False):
     """One optimizer-free step: returns loss; grads left in model params; memories updated.
-    ``camera`` (a CameraProxyMemory or None) adds the camera-aware terms, as the trainer does."""
+    ``camera`` (a CameraProxyMemory or None) adds the camera-aware terms, as the trainer does;
+    ``camera_bn``: the forward is the trainer's (rows sorted by camera, one BN group per camera)."""
     model.train()
-    local = net(images)
+    local = _forward(SimpleNamespace(net=net, camera_bn=True), images, cams) if camera_bn else net(images)
     feats = gather_with_grad(local, ctx)
     all_labels = ctx.all_gather(labels)
     out = ise_losses(feats, all_labels, memory, 0.2, ISEConfig(lp_weight=0.1), MEMORY_CFG)
@@ -68,26 +74,46 @@ def _step(model, images, labels, cams, memory, camera, ctx: DistContext, net):
     return total.detach()
 
 
-def _worker(rank: int, port: int, folder: str, camera_aware: bool) -> None:
+def _worker(rank: int, port: int, folder: str, camera_aware: bool, bn_mode: str = "chunk") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model, images, labels, centroids, cams, camera = _problem()
+        model, images, labels, centroids, cams, camera = _problem(bn_mode)
         camera = camera if camera_aware else None
         ctx = DistContext(rank=rank, world_size=WORLD, device=torch.device("cpu"))
         net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=True)
         memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
         per = BATCH // WORLD
         sl = slice(rank * per, (rank + 1) * per)
-        loss = _step(model, images[sl], labels[sl], cams[sl], memory, camera, ctx, net)
+        loss = _step(model, images[sl], labels[sl], cams[sl], memory, camera, ctx, net, camera_bn=bn_mode == "camera")
         grads = [p.grad.clone() for p in trainable_parameters(model)]
-        torch.save({"loss": loss, "grads": grads, "memory": memory.centroids.clone(),
-                    "proxies": camera.proxies.clone() if camera is not None else None,
-                    "buffers": {k: v.clone() for k, v in model.state_dict().items() if "running" in k}},
-                   os.path.join(folder, f"rank{rank}.pt"))
+        result = {"loss": loss, "grads": grads, "memory": memory.centroids.clone(),
+                  "proxies": camera.proxies.clone() if camera is not None else None,
+                  "buffers": {k: v.clone() for k, v in model.state_dict().items() if "running" in k}}
+        if bn_mode == "camera":  # extraction for clustering: sharded rows, every camera's statistics
+            paths, camids = _image_files(folder)
+            result["features"] = extract_features(model, paths, ToTensor(), batch_size=4, progress=False,
+                                                  dist_ctx=ctx, camids=camids, camera_images=6)
+        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _image_files(folder: str) -> tuple[list[str], list[int]]:
+    """Eleven small random RGB images written by the test (not the workers): camera 0 with six,
+    camera 3 with four, camera 7 with one (it falls back to the running statistics)."""
+    camids = [0] * 6 + [3] * 4 + [7]
+    paths = [os.path.join(folder, f"img{i:02d}_c{c}.png") for i, c in enumerate(camids)]
+    return paths, camids
+
+
+def _write_image_files(folder) -> None:
+    rng = np.random.default_rng(3)
+    paths, camids = _image_files(str(folder))
+    for path, cam in zip(paths, camids):  # a per-camera colour cast, as real cameras have
+        pixels = rng.integers(0, 256, (32, 16, 3)) // 2 + 16 * cam
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
 
 
 @pytest.mark.slow
@@ -115,6 +141,61 @@ def test_two_rank_step_equals_single_process(tmp_path, camera_aware):
         if rank == 0:  # ghost BN: running stats come from the first chunk of the global batch
             for k, v in buffers.items():
                 torch.testing.assert_close(got["buffers"][k], v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_rank_camera_bn_step_normalises_each_ranks_camera_groups(tmp_path):
+    """Camera-based BN under DDP: each rank sorts its own rows by camera and normalises every camera
+    group of its share of the batch with that group's statistics (no cross-rank synchronisation, as
+    ghost BN). The reference is one process that forwards each rank's rows on their own (its camera
+    groups) and computes the losses on the concatenation: same loss, memories, proxies and
+    gradients; each rank's running statistics are its own rows' update; and extraction for
+    clustering (sharded across the ranks) gives every rank the single process's features, since
+    both ranks estimate each camera's statistics from the same images."""
+    _write_image_files(tmp_path)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), True, "camera"), nprocs=WORLD, join=True)
+
+    model, images, labels, centroids, cams, camera = _problem("camera")
+    memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
+    per = BATCH // WORLD
+    parts = [slice(r * per, (r + 1) * per) for r in range(WORLD)]
+    model.train()
+    feats = torch.cat([_forward(SimpleNamespace(net=model, camera_bn=True), images[sl], cams[sl]) for sl in parts])
+    out = ise_losses(feats, labels, memory, 0.2, ISEConfig(lp_weight=0.1), MEMORY_CFG)
+    loss = out.total + camera_losses(feats, labels, cams, camera, MEMORY_CFG).total
+    loss.backward()
+    memory.update(out.memory_inputs, out.memory_labels)
+    camera.update(feats.detach(), labels, cams)
+    grads = [p.grad for p in trainable_parameters(model)]
+    # Control: normalising the camera groups of the whole batch (what synchronised statistics would
+    # do) gives other features, so the comparisons below can tell the two apart.
+    synced, *_ = _problem("camera")
+    synced.train()
+    with torch.no_grad():
+        whole = _forward(SimpleNamespace(net=synced, camera_bn=True), images, cams)
+    assert (whole - feats.detach()).abs().max() > 1e-2
+    paths, camids = _image_files(str(tmp_path))
+    expected_features = extract_features(model, paths, ToTensor(), batch_size=4, progress=False,
+                                         camids=camids, camera_images=6)
+
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    for rank, got in enumerate(results):
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["memory"], memory.centroids, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["proxies"], camera.proxies, rtol=1e-5, atol=1e-6)
+        for a, b in zip(got["grads"], grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+        alone, *_ = _problem("camera")  # this rank's rows alone update its running statistics
+        alone.train()
+        _forward(SimpleNamespace(net=alone, camera_bn=True), images[parts[rank]], cams[parts[rank]])
+        for k, v in alone.state_dict().items():
+            if "running" in k:
+                torch.testing.assert_close(got["buffers"][k], v, rtol=1e-5, atol=1e-6)
+        # Cameras 0 and 3 are extracted with their own statistics, equal on every rank and to the
+        # single process's. Camera 7's one image uses the running statistics, which differ between
+        # the ranks after the step; its shard is rank 0's, and the gather gives every rank that row.
+        torch.testing.assert_close(got["features"][:10], expected_features[:10], rtol=1e-4, atol=1e-5)
+        assert torch.equal(got["features"], results[0]["features"])
 
 
 def test_gather_is_identity_without_distributed():
