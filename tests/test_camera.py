@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from isereid.camera_memory import CameraProxyMemory
-from isereid.clustering.camera import associate_clusters, camera_normalize
+from isereid.clustering.camera import associate, associate_clusters, camera_normalize
 
 
 def unit(*shape, seed=0, dtype=torch.float64):
@@ -567,9 +568,10 @@ def test_missing_pair_and_bad_batches_are_rejected():
 
 
 # ----------------------------------------------------------------------------- associate_clusters
-def associate_oracle(x, labels, cams, min_sim):
+def associate_oracle(x, labels, cams, min_sim, pairs: Optional[list] = None):
     """Loops in float64: centres, each cluster's most similar cluster sharing no camera, mutual pairs
-    at >= min_sim merged, clusters renumbered by their smallest old label."""
+    at >= min_sim merged, clusters renumbered by their smallest old label. ``pairs``, when given,
+    receives (similarity, merged) of every mutual pair in order of its smaller label."""
     ids = sorted({int(v) for v in labels if v >= 0})
     centre, seen = {}, {}
     for c in ids:
@@ -588,8 +590,11 @@ def associate_oracle(x, labels, cams, min_sim):
     group = {c: c for c in ids}
     for a in ids:
         b = partner.get(a)
-        if b is not None and partner.get(b) == a and best[a] >= min_sim and a < b:
-            group[b] = a  # pairs are disjoint: a is the smaller label of its pair
+        if b is not None and partner.get(b) == a and a < b:
+            if pairs is not None:
+                pairs.append((best[a], best[a] >= min_sim))
+            if best[a] >= min_sim:
+                group[b] = a  # pairs are disjoint: a is the smaller label of its pair
     new_ids = sorted(set(group.values()))
     return np.array([new_ids.index(group[int(v)]) if v >= 0 else -1 for v in labels])
 
@@ -607,7 +612,25 @@ def test_associate_matches_loop(seed, cameras, min_sim, block):
     pure = torch.rand(n, generator=g).numpy() < 0.8
     cams = np.where(pure, (labels // 3) % cameras, cams) + 10  # camera ids need not start at 0
     ours = associate_clusters(x.float(), labels, cams, min_sim, block_rows=block)
-    np.testing.assert_array_equal(ours, associate_oracle(x, labels, cams, min_sim))
+    pairs: list = []
+    np.testing.assert_array_equal(ours, associate_oracle(x, labels, cams, min_sim, pairs))
+    # the pairs it looked at: every mutual pair, its similarity and whether it was merged
+    full = associate(x.float(), labels, cams, min_sim, block_rows=block)
+    np.testing.assert_array_equal(full.labels, ours)
+    np.testing.assert_allclose(full.similarity, [p[0] for p in pairs], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(full.merged, [p[1] for p in pairs])
+    summary = full.summary()
+    merged = [p[0] for p in pairs if p[1]]
+    rejected = [p[0] for p in pairs if not p[1]]
+    assert summary["mutual_pairs"] == len(pairs) and summary["merged"] == len(merged)
+    assert summary["below_threshold"] == len(rejected)
+    assert summary["merged_similarity_median"] == (pytest.approx(float(np.median(merged)), abs=1e-5) if merged
+                                                   else None)
+    assert summary["rejected_similarity_median"] == (pytest.approx(float(np.median(rejected)), abs=1e-5)
+                                                     if rejected else None)
+    # a merged count of 0 would make the comparisons above weak: the cases do merge some pairs
+    if min_sim <= 0.2:
+        assert summary["merged"] > 0
 
 
 def test_associate_recovers_identities_across_cameras():
@@ -637,6 +660,10 @@ def test_associate_never_merges_clusters_sharing_a_camera():
     cams = np.array([0, 1, 0, 1])  # cluster 1 spans both cameras: it shares one with everyone
     out = associate_clusters(x, labels, cams, -1.0)
     np.testing.assert_array_equal(out, [0, 1, 1, 0])  # 0 (cam 0) and 2 (cam 1) merge, 1 stays alone
+    # cluster 1 has no candidate at all (every similarity -inf): never counted as a pair
+    summary = associate(x, labels, cams, -1.0).summary()
+    assert summary == {"mutual_pairs": 1, "merged": 1, "below_threshold": 0,
+                       "merged_similarity_median": pytest.approx(0.0, abs=1e-6), "rejected_similarity_median": None}
 
 
 def test_associate_outliers_and_empty():

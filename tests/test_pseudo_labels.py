@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import isereid.camera
 from isereid.camera_memory import CameraProxyMemory
 from isereid.clustering import PseudoLabels, PseudoLabelSettings, pseudo_labels
+from isereid.clustering import camera as camera_steps
 from isereid.clustering.camera import associate_clusters, camera_normalize, mutual_share, nearest_other_camera
 from isereid.clustering.dbscan import jaccard_dbscan, jaccard_dbscan_auto
 from isereid.config import ClusterConfig, load_config
@@ -43,8 +44,11 @@ def old_chain(features, camids, s: PseudoLabelSettings):
         labels = jaccard_dbscan(features, eps=s.eps, k1=s.k1, k2=s.k2, min_samples=s.min_samples,
                                 knn_backend=s.knn_backend)
         scale = {"eps": s.eps}
+    labels_before = labels
     if s.associate:
         labels = associate_clusters(features, labels, camids, s.associate_min_similarity)
+        merged = camera_steps.associate(features, labels_before, camids, s.associate_min_similarity)
+        scale["association"] = merged.summary()
     return labels, scale
 
 
@@ -75,7 +79,7 @@ def test_the_trainers_clusterer_is_the_pipeline():
     cluster = jaccard_clusterer(cfg)
     expected = pseudo_labels(features, camids, PseudoLabelSettings.of(cfg))
     np.testing.assert_array_equal(cluster(features, camids), expected.labels)
-    assert cluster.scale == {"eps": 0.5}
+    assert cluster.scale == {"eps": 0.5, "association": expected.association}
 
 
 def test_settings_mirror_the_cluster_config():

@@ -79,6 +79,14 @@ def test_epoch_writes_the_scalars_then_flushes_and_logs_the_progress_line(caplog
     assert progress_line(record, 5).startswith("epoch 3/5  clusters 12  outliers 4  loss 1.5000  mAP 50.0%")
 
 
+def test_progress_line_shows_the_cross_camera_association():
+    cluster = {"eps": 0.6, "cross_camera_clusters": 0.44,
+               "association": {"mutual_pairs": 312, "merged": 307, "below_threshold": 5}}
+    line = progress_line(_record(cluster=cluster), 5)
+    assert "cross-camera clusters 44%  associated 307/312 mutual pairs" in line
+    assert "associated" not in progress_line(_record(cluster={"eps": 0.6}), 5)
+
+
 def test_other_ranks_log_nothing(caplog):
     writer = FakeWriter()
     with caplog.at_level(logging.INFO, logger="isereid"):

@@ -119,9 +119,18 @@ def test_clusterer_associates_after_dbscan():
     plain = jaccard_clusterer(load_config("demo", [*overrides, "cluster.associate=false"]).cluster)(x, cams)
     np.testing.assert_array_equal(plain, pid.numpy() * 2 + cams)  # one cluster per person and camera
     cfg = load_config("demo", [*overrides, "cluster.associate=true", "cluster.associate_min_similarity=0.3"]).cluster
-    joined = jaccard_clusterer(cfg)(x, cams)
+    clusterer = jaccard_clusterer(cfg)
+    joined = clusterer(x, cams)
     np.testing.assert_array_equal(joined, associate_clusters(x, plain, cams, 0.3))
     np.testing.assert_array_equal(joined, pid.numpy())
+    # the record says what the association looked at: six mutual pairs at cosine ~0.6, all merged
+    pairs = clusterer.scale["association"]
+    assert (pairs["mutual_pairs"], pairs["merged"], pairs["below_threshold"]) == (6, 6, 0)
+    assert 0.5 < pairs["merged_similarity_median"] < 0.7 and pairs["rejected_similarity_median"] is None
+    strict = jaccard_clusterer(load_config("demo", [*overrides, "cluster.associate=true",
+                                                   "cluster.associate_min_similarity=0.9"]).cluster)
+    np.testing.assert_array_equal(strict(x, cams), plain)
+    assert (strict.scale["association"]["merged"], strict.scale["association"]["below_threshold"]) == (0, 6)
 
 
 def test_auto_eps_goes_into_the_record_and_the_progress_line(tiny_demo, tmp_path, caplog):

@@ -13,13 +13,16 @@ diagnostics of each epoch's record.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..utils import as_ids, check_feature_tensor, is_real_number, work_dtype
 
-__all__ = ["camera_normalize", "associate_clusters", "nearest_other_camera", "mutual_share"]
+__all__ = ["camera_normalize", "associate_clusters", "associate", "Association", "nearest_other_camera",
+           "mutual_share"]
 
 
 def camera_normalize(features: torch.Tensor, camids) -> torch.Tensor:
@@ -90,6 +93,35 @@ def mutual_share(neighbour: np.ndarray) -> float:
     return float((neighbour[neighbour[rows]] == rows).sum() / neighbour.size)
 
 
+@dataclass(frozen=True)
+class Association:
+    """What :func:`associate` did: the merged labels and every candidate pair it looked at.
+
+    labels: (N,) int64 labels after the merge, numbered as :func:`associate_clusters` says.
+    similarity: (P,) cosine similarity of each *mutual* pair (two clusters sharing no camera, each
+    the other's most similar such cluster), in order of the pair's smaller old cluster index.
+    merged: (P,) bool, the pair was at or above the threshold and became one cluster.
+    """
+
+    labels: np.ndarray
+    similarity: np.ndarray
+    merged: np.ndarray
+
+    def summary(self) -> dict:
+        """The epoch record's label-free view: ``mutual_pairs`` (P), ``merged``, ``below_threshold``
+        and the median similarity of the merged and of the rejected pairs (None when there are none).
+        Whether the threshold decides anything shows in ``below_threshold``."""
+
+        def median(values: np.ndarray):
+            return round(float(np.median(values)), 6) if values.size else None
+
+        merged = int(self.merged.sum())
+        return {"mutual_pairs": int(self.merged.size), "merged": merged,
+                "below_threshold": int(self.merged.size) - merged,
+                "merged_similarity_median": median(self.similarity[self.merged]),
+                "rejected_similarity_median": median(self.similarity[~self.merged])}
+
+
 def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
                        block_rows: int = 4096) -> np.ndarray:
     """Merge pairs of clusters that see a person from different cameras (offline association).
@@ -109,7 +141,13 @@ def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
 
     Returns:
         (N,) int64 labels numbered 0..C'-1 in order of each new cluster's smallest old label.
+        :func:`associate` returns the same labels with the pairs it considered.
     """
+    return associate(features, labels, camids, min_similarity, block_rows).labels
+
+
+def associate(features, labels, camids, min_similarity: float = 0.5, block_rows: int = 4096) -> Association:
+    """:func:`associate_clusters`, also returning every mutual pair and whether it was merged."""
     if isinstance(features, np.ndarray):
         features = torch.from_numpy(features)
     check_feature_tensor(features)
@@ -123,7 +161,7 @@ def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
     k = ids.shape[0]
     out = np.full(n, -1, dtype=np.int64)
     if k == 0:
-        return out
+        return Association(out, np.zeros(0), np.zeros(0, dtype=bool))
     _, cam_group = np.unique(cams[keep], return_inverse=True)
     device = features.device
     x = features.to(torch.float32)[torch.from_numpy(keep).to(device)]
@@ -142,9 +180,11 @@ def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
     rows = np.arange(k)
     # Mutual pairs are disjoint: each joined pair takes its smaller cluster index as its root, so
     # the sorted unique roots number the new clusters in order of their smallest old label.
-    joined = (partner[partner] == rows) & (best >= min_similarity) & (partner > rows)
+    # A row with no cluster sharing none of its cameras has best -inf (its partner index is arbitrary).
+    mutual = (partner[partner] == rows) & np.isfinite(best) & (partner > rows)
+    joined = mutual & (best >= min_similarity)
     root = rows.copy()
     root[partner[joined]] = rows[joined]
     _, new_label = np.unique(root, return_inverse=True)
     out[keep] = new_label[member]
-    return out
+    return Association(out, best[mutual].astype(np.float64), joined[mutual])

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InvalidArgument
 from ..utils import ArrayLike
-from .camera import associate_clusters, camera_normalize
+from .camera import associate, camera_normalize
 from .camera_jaccard import camera_expanded_neighbourhoods
 from .colour import blend_cue
 from .dbscan import check_not_constant, jaccard_dbscan, jaccard_dbscan_auto, neighbourhood_dbscan
@@ -64,17 +64,22 @@ class PseudoLabelSettings:
 @dataclass(frozen=True)
 class PseudoLabels:
     """labels: (N,) int64, -1 for outliers, clusters 0..C-1. eps: the radius DBSCAN used.
-    choice: how ``eps="auto"`` chose it (None for a fixed eps)."""
+    choice: how ``eps="auto"`` chose it (None for a fixed eps). association: what the cross-camera
+    association looked at and merged (None when ``associate`` is off)."""
 
     labels: np.ndarray
     eps: Union[float, str]
     choice: Optional[ScaleChoice] = None
+    association: Optional[dict] = None
 
     def record(self) -> dict:
-        """The epoch record's clustering-scale entries: ``eps`` (and ``scale`` for ``eps="auto"``)."""
-        if self.choice is None:
-            return {"eps": self.eps}
-        return {"eps": self.choice.eps, "scale": self.choice.to_dict()}
+        """The epoch record's clustering entries: ``eps`` (and ``scale`` for ``eps="auto"``, the
+        ``association`` summary of :meth:`isereid.clustering.camera.Association.summary` when on)."""
+        out: dict = {"eps": self.eps} if self.choice is None else {"eps": self.choice.eps,
+                                                                  "scale": self.choice.to_dict()}
+        if self.association is not None:
+            out["association"] = self.association
+        return out
 
 
 def pseudo_labels(features: ArrayLike, camids: Optional[ArrayLike],
@@ -113,6 +118,8 @@ def pseudo_labels(features: ArrayLike, camids: Optional[ArrayLike],
     else:
         labels = jaccard_dbscan(features, eps=settings.eps, k1=settings.k1, k2=settings.k2,
                                 min_samples=settings.min_samples, knn_backend=settings.knn_backend)
+    association = None
     if settings.associate:
-        labels = associate_clusters(features, labels, camids, settings.associate_min_similarity)
-    return PseudoLabels(labels=labels, eps=settings.eps, choice=choice)
+        merged = associate(features, labels, camids, settings.associate_min_similarity)
+        labels, association = merged.labels, merged.summary()
+    return PseudoLabels(labels=labels, eps=settings.eps, choice=choice, association=association)

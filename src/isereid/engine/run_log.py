@@ -73,6 +73,9 @@ def progress_line(record: EpochRecord, epochs: int) -> str:
     cross = cluster.get("cross_camera_clusters")
     if cross is not None:
         parts.append(f"cross-camera clusters {100 * cross:.0f}%")
+    pairs = cluster.get("association")
+    if isinstance(pairs, Mapping) and "merged" in pairs:
+        parts.append(f"associated {pairs['merged']}/{pairs['mutual_pairs']} mutual pairs")
     mutual = cluster.get("mutual_cross_camera")
     if mutual is not None:
         parts.append(f"mutual cross-camera neighbours {100 * mutual:.0f}%")
