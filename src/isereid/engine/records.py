@@ -31,7 +31,8 @@ class EpochRecord:
     rank5: Optional[float] = None
     rank10: Optional[float] = None
     # ClusteringReport.to_dict() of the epoch's pseudo-labels, with "eps" (the radius used) and, under
-    # cluster.eps=auto, "scale" (ScaleChoice.to_dict(): the statistic behind it, docs/auto_eps.md)
+    # cluster.eps=auto, "scale" (ScaleChoice.to_dict(): the statistic behind it, docs/auto_eps.md) and,
+    # under cluster.associate, "association" (Association.summary(): mutual pairs found and merged)
     cluster: Optional[dict] = None
     # Wall seconds of the epoch's phases: extract (training features for clustering), cluster,
     # train (the iterations, of which data_wait is time spent waiting for the loader), evaluate.
