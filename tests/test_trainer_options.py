@@ -159,7 +159,8 @@ def test_auto_clusterer_equals_fixed_at_the_chosen_eps():
     eps = auto.scale["eps"]
     fixed = jaccard_clusterer(load_config("demo", [*overrides, f"cluster.eps={eps!r}"]).cluster)
     np.testing.assert_array_equal(labels, fixed(x, cams))
-    assert fixed.scale == {"eps": eps} and labels.max() >= 1
+    # the demo preset associates clusters: the same labels, so the same association record
+    assert fixed.scale == {"eps": eps, "association": auto.scale["association"]} and labels.max() >= 1
 
 
 def test_supervised_uses_true_identities(tiny_demo, tmp_path):
