@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -54,12 +55,17 @@ MEMORY_CFG = MemoryConfig(mode="ori", momentum=0.1, camera_aware=True, camera_in
                           camera_inter_weight=0.5)
 
 
-def _step(model, images, labels, cams, memory, camera, ctx: DistContext, net, camera_bn: bool = False):
+def _camera_forward(net, images, cams):
+    """The trainer's forward under camera-based BN: rows sorted by camera, one BN group per camera."""
+    return _forward(SimpleNamespace(net=net, camera_bn=True), images, cams)
+
+
+def _step(model, images, labels, cams, memory, camera, ctx: DistContext, forward):
     """One optimizer-free step: returns loss; grads left in model params; memories updated.
-    ``camera`` (a CameraProxyMemory or None) adds the camera-aware terms, as the trainer does;
-    ``camera_bn``: the forward is the trainer's (rows sorted by camera, one BN group per camera)."""
+    ``forward(images, cams)`` gives this process's features; ``camera`` (a CameraProxyMemory or
+    None) adds the camera-aware terms, as the trainer does."""
     model.train()
-    local = _forward(SimpleNamespace(net=net, camera_bn=True), images, cams) if camera_bn else net(images)
+    local = forward(images, cams)
     feats = gather_with_grad(local, ctx)
     all_labels = ctx.all_gather(labels)
     out = ise_losses(feats, all_labels, memory, 0.2, ISEConfig(lp_weight=0.1), MEMORY_CFG)
@@ -86,7 +92,8 @@ def _worker(rank: int, port: int, folder: str, camera_aware: bool, bn_mode: str 
         memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
         per = BATCH // WORLD
         sl = slice(rank * per, (rank + 1) * per)
-        loss = _step(model, images[sl], labels[sl], cams[sl], memory, camera, ctx, net, camera_bn=bn_mode == "camera")
+        forward = partial(_camera_forward, net) if bn_mode == "camera" else lambda x, _: net(x)
+        loss = _step(model, images[sl], labels[sl], cams[sl], memory, camera, ctx, forward)
         grads = [p.grad.clone() for p in trainable_parameters(model)]
         result = {"loss": loss, "grads": grads, "memory": memory.centroids.clone(),
                   "proxies": camera.proxies.clone() if camera is not None else None,
@@ -124,7 +131,7 @@ def test_two_rank_step_equals_single_process(tmp_path, camera_aware):
     model, images, labels, centroids, cams, camera = _problem()
     camera = camera if camera_aware else None
     memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
-    loss = _step(model, images, labels, cams, memory, camera, DistContext(), model)
+    loss = _step(model, images, labels, cams, memory, camera, DistContext(), lambda x, _: model(x))
     grads = [p.grad for p in trainable_parameters(model)]
     buffers = {k: v for k, v in model.state_dict().items() if "running" in k}
 
@@ -159,35 +166,34 @@ def test_two_rank_camera_bn_step_normalises_each_ranks_camera_groups(tmp_path):
     memory = ClusterMemory(centroids.clone(), temperature=0.05, momentum=0.1, mode="ori")
     per = BATCH // WORLD
     parts = [slice(r * per, (r + 1) * per) for r in range(WORLD)]
-    model.train()
-    feats = torch.cat([_forward(SimpleNamespace(net=model, camera_bn=True), images[sl], cams[sl]) for sl in parts])
-    out = ise_losses(feats, labels, memory, 0.2, ISEConfig(lp_weight=0.1), MEMORY_CFG)
-    loss = out.total + camera_losses(feats, labels, cams, camera, MEMORY_CFG).total
-    loss.backward()
-    memory.update(out.memory_inputs, out.memory_labels)
-    camera.update(feats.detach(), labels, cams)
+
+    def per_rank(net, x, c):  # each rank's rows forwarded on their own
+        return torch.cat([_camera_forward(net, x[sl], c[sl]) for sl in parts])
+
+    loss = _step(model, images, labels, cams, memory, camera, DistContext(), partial(per_rank, model))
     grads = [p.grad for p in trainable_parameters(model)]
     # Control: normalising the camera groups of the whole batch (what synchronised statistics would
     # do) gives other features, so the comparisons below can tell the two apart.
-    synced, *_ = _problem("camera")
-    synced.train()
+    fresh, *_ = _problem("camera")
+    fresh.train()
     with torch.no_grad():
-        whole = _forward(SimpleNamespace(net=synced, camera_bn=True), images, cams)
-    assert (whole - feats.detach()).abs().max() > 1e-2
+        whole = _camera_forward(fresh, images, cams)
+        split = per_rank(fresh, images, cams)
+    assert (whole - split).abs().max() > 1e-2
     paths, camids = _image_files(str(tmp_path))
     expected_features = extract_features(model, paths, ToTensor(), batch_size=4, progress=False,
                                          camids=camids, camera_images=6)
 
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     for rank, got in enumerate(results):
-        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["memory"], memory.centroids, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["proxies"], camera.proxies, rtol=1e-5, atol=1e-6)
         for a, b in zip(got["grads"], grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
         alone, *_ = _problem("camera")  # this rank's rows alone update its running statistics
         alone.train()
-        _forward(SimpleNamespace(net=alone, camera_bn=True), images[parts[rank]], cams[parts[rank]])
+        _camera_forward(alone, images[parts[rank]], cams[parts[rank]])
         for k, v in alone.state_dict().items():
             if "running" in k:
                 torch.testing.assert_close(got["buffers"][k], v, rtol=1e-5, atol=1e-6)
