@@ -123,6 +123,10 @@ VARIANTS = {
     # no query/gallery to evaluate on, so there the time is already free. And its ceiling in the same budget.
     "preset_eval_end": ["eval.every=0", "optim.iters=155"],
     "supervised_eval_end": ["train.supervised=true", "eval.every=0", "optim.iters=155"],
+    # The preset's supports without the camera restriction: ISE moves each sample towards its nearest
+    # foreign centroid of any camera, as the reference does, instead of one of its own camera's
+    # (docs/camera_aware.md#camera-aware-ise). Measures that one part of the camera-aware combination.
+    "preset_foreign_any": ["ise.foreign=any"],
     # The cpu preset of the fifth round (camera-based BatchNorm, contiguous layout, 100 iterations an epoch).
     "preset_fifth_round": ["model.channels_last=false", "optim.iters=100"],
 }
