@@ -13,7 +13,7 @@ from isereid.cli import build_parser, main, torchrun_command
 from isereid.data import Sample
 from isereid.features import load_features, save_features
 
-# The one training run of this module is the demo preset itself, shortened from 8 to 6 epochs
+# The one training run of this module is the demo preset itself, shortened from 7 to 6 epochs
 # to fit CI, on the default demo dataset. Every tool test below reuses it.
 DEMO_EPOCHS = 6
 RUN = ["--config", "demo", f"optim.epochs={DEMO_EPOCHS}", "eval.every=3", "train.progress=false",
@@ -63,8 +63,8 @@ def test_demo_training_learns(trained_run, random_init_map):
 
     On this demo dataset (seed 3: 100 test identities, ~1,700 gallery images) the seeded
     random ResNet-18 scores a few per cent mAP (clothing colours survive a random network);
-    chance (random ranking) is about 1%. The preset (camera-aware ISE) reached 45.7% mAP after
-    7 epochs on the default demo data (README). Requiring +4 points and 1.4x the random-init
+    chance (random ranking) is about 1%. The preset reaches about 65% mAP after 7 epochs
+    on the default demo data (docs/benchmarks.md). Requiring +4 points and 1.4x the random-init
     mAP leaves ample room for run-to-run variation while failing any run that does not learn
     (a broken loss, memory or sampler stays at or below the start).
     """

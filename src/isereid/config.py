@@ -51,7 +51,7 @@ class DataConfig:
     erasing_value: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     # Fraction of unreadable images tolerated (skipped with a warning) before failing.
     max_bad_fraction: float = 0.01
-    # Augmentation against camera colour casts (docs/camera_aware.md#augmentation): probability of
+    # Augmentation against camera colour casts (docs/camera_aware.md, section 2d): probability of
     # turning a training image grey, and the strength of a random brightness/contrast/saturation jitter.
     grayscale_prob: float = 0.0
     color_jitter: float = 0.0
