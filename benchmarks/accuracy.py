@@ -121,6 +121,7 @@ VARIANTS = {
     # 11.2 s of its 115 s (benchmarks/epoch_profile.py), 9 x 11.2 s = 101 s a run, 179 iterations at 0.56 s,
     # so 155 an epoch instead of 140 (rounded down; fixed before any run). A user's own camera folders have
     # no query/gallery to evaluate on, so there the time is already free. And its ceiling in the same budget.
+    # The cpu preset since the eighth round (docs/benchmarks.md), so on cpu these now run `preset` and `supervised`.
     "preset_eval_end": ["eval.every=0", "optim.iters=155"],
     "supervised_eval_end": ["train.supervised=true", "eval.every=0", "optim.iters=155"],
     # The preset's supports without the camera restriction: ISE moves each sample towards its nearest
