@@ -21,6 +21,12 @@ docs/reference_quirks.md). Variants:
 
 A run folder that already holds a finished run is reused (re-running the benchmark resumes).
 Prints a markdown table; ``--output`` writes ``{"rows": [...], "command": ..., ...}``.
+
+``--holdout F`` scores on a development split instead of the dataset's test split: a fraction F of
+the *training* identities (those seen by two or more cameras) become query (the first image of each
+identity in each camera) and gallery (the rest), the other training identities stay the training
+set, and the test split is not read at all. Settings are chosen there, so that the test split only
+reports (docs/benchmarks.md, *Choosing without the test split*).
 """
 from __future__ import annotations
 
@@ -35,6 +41,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from isereid.config import load_config
+from isereid.data.datasets import build_dataset
+from isereid.errors import IsereidError
 from isereid.utils import atomic_write_text
 
 # Plain ISE: every camera switch, the colour cue and camera-based BatchNorm off, whatever the preset
@@ -131,6 +142,62 @@ VARIANTS = {
     # The cpu preset of the fifth round (camera-based BatchNorm, contiguous layout, 100 iterations an epoch).
     "preset_fifth_round": ["model.channels_last=false", "optim.iters=100"],
 }
+
+
+def holdout_split(train: list, out: Path, fraction: float, seed: int = 0) -> dict:
+    """A Market-layout development split of training samples ``train`` (path, pid, camid) in ``out``.
+
+    A fraction of the identities seen by two or more cameras, drawn with ``seed``, is held out: its
+    first image (by file name) in each camera goes to ``query/``, the rest to ``bounding_box_test/``;
+    every other training image goes to ``bounding_box_train/``. Files are symbolic links named as
+    their targets (the readers parse identity and camera from the name). Returns the manifest
+    (also written to ``out/holdout.json``); an ``out`` holding the same manifest is reused.
+    """
+    if not 0 < fraction < 1:
+        raise SystemExit(f"accuracy.py: --holdout {fraction}: expected a fraction between 0 and 1")
+    cameras: dict[int, set] = {}
+    for sample in train:
+        if sample.pid >= 0:
+            cameras.setdefault(sample.pid, set()).add(sample.camid)
+    eligible = sorted(pid for pid, cams in cameras.items() if len(cams) >= 2)
+    held = set(np.random.default_rng(seed).permutation(eligible)[:round(fraction * len(eligible))].tolist())
+    if not held or len(held) == len(cameras):
+        raise SystemExit(f"accuracy.py: --holdout {fraction} holds out {len(held)} of the {len(cameras)} "
+                         f"training identities (of which {len(eligible)} are seen by two or more cameras); "
+                         "choose a fraction that leaves both sides some")
+    manifest = {"fraction": fraction, "seed": seed, "held_out_ids": sorted(held),
+                "train_images": len(train)}
+    marker = out / "holdout.json"
+    if marker.exists():
+        stored = json.loads(marker.read_text())
+        if {k: stored.get(k) for k in manifest} == manifest:  # the same split: its folders are complete
+            return stored
+    split: dict[str, list] = {"bounding_box_train": [], "query": [], "bounding_box_test": []}
+    seen_first: set = set()
+    for sample in sorted(train, key=lambda s: os.path.basename(s.path)):
+        if sample.pid not in held:
+            split["bounding_box_train"].append(sample.path)
+        elif (sample.pid, sample.camid) not in seen_first:
+            seen_first.add((sample.pid, sample.camid))
+            split["query"].append(sample.path)
+        else:
+            split["bounding_box_test"].append(sample.path)
+    names = [os.path.basename(p) for paths in split.values() for p in paths]
+    if len(set(names)) != len(names):
+        raise SystemExit("accuracy.py: --holdout needs distinct training file names (a Market layout)")
+    if marker.exists():
+        marker.unlink()  # a different split: rebuild the folders, then write the marker last
+    for folder, paths in split.items():
+        target = out / folder
+        if target.exists():
+            for old in target.iterdir():
+                old.unlink()
+        target.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            (target / os.path.basename(path)).symlink_to(Path(path).resolve())
+    manifest.update({f"{folder}_images": len(paths) for folder, paths in split.items()})
+    atomic_write_text(marker, json.dumps(manifest, indent=2) + "\n")
+    return json.loads(marker.read_text())
 
 
 def _isereid() -> list[str]:
@@ -244,6 +311,10 @@ def main(argv=None) -> int:
                    help="an extra variant made of overrides")
     p.add_argument("--output", help="JSON file to write")
     p.add_argument("--work-dir", default="accuracy-runs", help="run folders (reused when re-run)")
+    p.add_argument("--holdout", type=float, metavar="F",
+                   help="score on a development split: a fraction F of the training identities as query/gallery, "
+                        "built under --work-dir; the test split is not read")
+    p.add_argument("--holdout-seed", type=int, default=0, help="which identities --holdout holds out (default 0)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every variant")
     args = p.parse_args(argv)
     _stop_children_on_sigterm()
@@ -259,6 +330,17 @@ def main(argv=None) -> int:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(variants)}")
     if args.seeds < 1:
         p.error("--seeds must be at least 1")
+    source_root, holdout = args.data_root, None
+    if args.holdout is not None:
+        try:
+            dataset = build_dataset(load_config(args.config, args.overrides).data.dataset, args.data_root)
+        except IsereidError as e:
+            p.error(str(e))
+        holdout = holdout_split(dataset.train, Path(args.work_dir) / "holdout_split", args.holdout, args.holdout_seed)
+        args.data_root = str(Path(args.work_dir) / "holdout_split")
+        print(f"[accuracy] development split in {args.data_root}: {len(holdout['held_out_ids'])} held-out "
+              f"identities, {holdout['query_images']} query / {holdout['bounding_box_test_images']} gallery / "
+              f"{holdout['bounding_box_train_images']} training images", file=sys.stderr, flush=True)
     rows = []
     for variant in wanted:
         # direct transfer has no randomness
@@ -273,7 +355,8 @@ def main(argv=None) -> int:
     text = table(rows)
     print(text)
     if args.output:
-        payload = {"rows": rows, "table": text, "config": args.config, "data_root": args.data_root,
+        payload = {"rows": rows, "table": text, "config": args.config, "data_root": source_root,
+                   "holdout": None if holdout is None else {k: v for k, v in holdout.items() if k != "held_out_ids"},
                    "overrides": args.overrides, "seeds": args.seeds,
                    "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "cpus": os.cpu_count()}
         atomic_write_text(args.output, json.dumps(payload, indent=2) + "\n")

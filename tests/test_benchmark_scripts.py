@@ -117,3 +117,61 @@ def test_accuracy_variants_are_valid_and_plain_ise_is_plain(preset):
         assert camera_switches_on(plain) == {} and plain.cluster.colour_weight == 0, name
         assert plain.model.bn_mode != "camera", name
     assert accuracy.VARIANTS["preset"] == []
+
+
+def test_holdout_split_holds_out_whole_multi_camera_identities_and_never_reads_the_test_split(tiny_demo, tmp_path):
+    """--holdout: every training image lands in exactly one split folder (a link to itself); the held-out
+    identities are all seen by two or more cameras and leave the training folder entirely; the query
+    holds the first file of each (identity, camera); the split is reused as it is, rebuilt when asked
+    for another; the benchmark scores on it and reports the source folder. Oracle: plain loops here."""
+    from isereid.data.datasets import build_dataset
+
+    accuracy = _accuracy_module()
+    train = build_dataset("demo", tiny_demo).train
+    out = tmp_path / "split"
+    manifest = accuracy.holdout_split(train, out, 0.25, seed=3)
+    held = set(manifest["held_out_ids"])
+    by_pid = {}
+    for s in train:
+        by_pid.setdefault(s.pid, []).append(s)
+    assert len(held) == round(0.25 * sum(len({s.camid for s in v}) >= 2 for v in by_pid.values())) > 0
+    assert all(len({s.camid for s in by_pid[pid]}) >= 2 for pid in held)
+    folders = {name: sorted(p.name for p in (out / name).iterdir())
+               for name in ("bounding_box_train", "query", "bounding_box_test")}
+    everything = sorted(name for names in folders.values() for name in names)
+    assert everything == sorted(Path(s.path).name for s in train)  # each image once
+    for name in everything:
+        link = next(out / f / name for f, names in folders.items() if name in names)
+        assert link.is_symlink() and link.resolve() == (Path(next(s.path for s in train
+                                                                 if Path(s.path).name == name))).resolve()
+    expected_query = []
+    for pid in held:
+        for cam in {s.camid for s in by_pid[pid]}:
+            expected_query.append(min(Path(s.path).name for s in by_pid[pid] if s.camid == cam))
+    assert folders["query"] == sorted(expected_query)
+    train_names = {Path(s.path).name for s in train if s.pid not in held}
+    assert set(folders["bounding_box_train"]) == train_names
+    assert manifest["query_images"] == len(expected_query)
+
+    stamp = (out / "holdout.json").stat().st_mtime_ns
+    assert accuracy.holdout_split(train, out, 0.25, seed=3) == manifest
+    assert (out / "holdout.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = accuracy.holdout_split(train, out, 0.5, seed=3)
+    assert len(other["held_out_ids"]) > len(held)
+    assert sorted(p.name for p in (out / "query").iterdir()) != folders["query"]
+    for bad in (0.0, 1.0):
+        with pytest.raises(SystemExit, match="--holdout"):
+            accuracy.holdout_split(train, tmp_path / "bad", bad)
+
+    # End to end: direct transfer scored on the development split; the test split is not read.
+    result = tmp_path / "acc.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--data-root", str(tiny_demo),
+                           "--config", "demo", "--variants", "direct", "--holdout", "0.25", "--holdout-seed", "3",
+                           "--work-dir", str(tmp_path / "runs"), "--output", str(result), *TINY],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(result.read_text())
+    assert payload["data_root"] == str(tiny_demo)
+    assert payload["holdout"]["query_images"] == manifest["query_images"]
+    log = (tmp_path / "runs" / "direct-seed1" / "log.txt").read_text()
+    assert str(tmp_path / "runs" / "holdout_split") in log and "development split" in proc.stderr
