@@ -109,8 +109,10 @@ VARIANTS = {
     # The supervised ceiling of a preset with camera-based BatchNorm (now the same as `supervised`).
     "supervised_camera_bn": ["train.supervised=true", "model.bn_mode=camera"],
     # CAP's proxy-balanced sampling (data.sampler=proxy): num_instances images per (cluster, camera)
-    # proxy instead of per cluster.
+    # proxy instead of per cluster. In the cpu preset since the ninth round (docs/benchmarks.md), so on
+    # cpu this row now runs `preset`, and `preset_cluster_sampler` the per-cluster sampling before it.
     "preset_proxy_sampler": ["data.sampler=proxy"],
+    "preset_cluster_sampler": ["data.sampler=cluster"],
     # Both, the proxy sampler measured on top of camera-based BatchNorm (with camera BN in the presets,
     # `preset_proxy_sampler` now runs the same).
     "preset_camera_bn_proxy": ["model.bn_mode=camera", "data.sampler=proxy"],
