@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from isereid.config import load_config
-from isereid.data.datasets import build_dataset
+from isereid.data.datasets import MARKET_SPLITS, build_dataset
 from isereid.errors import IsereidError
 from isereid.utils import atomic_write_text
 
@@ -174,7 +174,7 @@ def holdout_split(train: list, out: Path, fraction: float, seed: int = 0) -> dic
         stored = json.loads(marker.read_text())
         if {k: stored.get(k) for k in manifest} == manifest:  # the same split: its folders are complete
             return stored
-    split: dict[str, list] = {"bounding_box_train": [], "query": [], "bounding_box_test": []}
+    split: dict[str, list] = {folder: [] for folder in MARKET_SPLITS}  # the layout the readers expect
     seen_first: set = set()
     for sample in sorted(train, key=lambda s: os.path.basename(s.path)):
         if sample.pid not in held:
@@ -199,7 +199,7 @@ def holdout_split(train: list, out: Path, fraction: float, seed: int = 0) -> dic
             (target / os.path.basename(path)).symlink_to(Path(path).resolve())
     manifest.update({f"{folder}_images": len(paths) for folder, paths in split.items()})
     atomic_write_text(marker, json.dumps(manifest, indent=2) + "\n")
-    return json.loads(marker.read_text())
+    return manifest
 
 
 def _isereid() -> list[str]:
