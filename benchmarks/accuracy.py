@@ -143,6 +143,9 @@ VARIANTS = {
     "preset_foreign_any": ["ise.foreign=any"],
     # The cpu preset of the fifth round (camera-based BatchNorm, contiguous layout, 100 iterations an epoch).
     "preset_fifth_round": ["model.channels_last=false", "optim.iters=100"],
+    # The association gated by the features themselves: a cross-camera pair merges only when it is closer
+    # than the median cluster is to its nearest same-camera cluster (docs/camera_aware.md#association-gate).
+    "preset_associate_auto": ["cluster.associate_min_similarity=auto"],
 }
 
 

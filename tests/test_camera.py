@@ -568,17 +568,30 @@ def test_missing_pair_and_bad_batches_are_rejected():
 
 
 # ----------------------------------------------------------------------------- associate_clusters
-def associate_oracle(x, labels, cams, min_sim, pairs: Optional[list] = None):
-    """Loops in float64: centres, each cluster's most similar cluster sharing no camera, mutual pairs
-    at >= min_sim merged, clusters renumbered by their smallest old label. ``pairs``, when given,
-    receives (similarity, merged) of every mutual pair in order of its smaller label."""
-    ids = sorted({int(v) for v in labels if v >= 0})
+def oracle_gate(centre: dict, seen: dict) -> float:
+    """"auto": median over clusters of the best cosine to another cluster sharing a camera (inf: none)."""
+    null = [max(float(centre[a] @ centre[b]) for b in centre if b != a and seen[a] & seen[b])
+            for a in centre if any(b != a and seen[a] & seen[b] for b in centre)]
+    return float(np.median(null)) if null else float("inf")
+
+
+def oracle_centres(x, labels, cams):
     centre, seen = {}, {}
-    for c in ids:
+    for c in sorted({int(v) for v in labels if v >= 0}):
         rows = [i for i in range(len(labels)) if labels[i] == c]
         m = sum(x[i].double() for i in rows)
         centre[c] = m / m.norm()
         seen[c] = {int(cams[i]) for i in rows}
+    return centre, seen
+
+
+def associate_oracle(x, labels, cams, min_sim, pairs: Optional[list] = None):
+    """Loops in float64: centres, each cluster's most similar cluster sharing no camera, mutual pairs
+    at >= min_sim merged, clusters renumbered by their smallest old label. ``pairs``, when given,
+    receives (similarity, merged) of every mutual pair in order of its smaller label. min_sim "auto":
+    the median over clusters of the best similarity to another cluster sharing a camera (inf: none)."""
+    ids = sorted({int(v) for v in labels if v >= 0})
+    centre, seen = oracle_centres(x, labels, cams)
     partner, best = {}, {}
     for a in ids:
         for b in ids:  # first maximum wins, as torch's max over the row
@@ -587,6 +600,8 @@ def associate_oracle(x, labels, cams, min_sim, pairs: Optional[list] = None):
             s = float(centre[a] @ centre[b])
             if a not in best or s > best[a]:
                 partner[a], best[a] = b, s
+    if min_sim == "auto":
+        min_sim = oracle_gate(centre, seen)
     group = {c: c for c in ids}
     for a in ids:
         b = partner.get(a)
@@ -600,7 +615,8 @@ def associate_oracle(x, labels, cams, min_sim, pairs: Optional[list] = None):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("cameras,min_sim,block", [(2, 0.0, 4096), (3, -1.0, 3), (5, 0.2, 2), (2, 0.9, 1)])
+@pytest.mark.parametrize("cameras,min_sim,block", [(2, 0.0, 4096), (3, -1.0, 3), (5, 0.2, 2), (2, 0.9, 1),
+                                                    (2, "auto", 4096), (3, "auto", 2)])
 def test_associate_matches_loop(seed, cameras, min_sim, block):
     g = torch.Generator().manual_seed(seed)
     n = 60
@@ -629,8 +645,14 @@ def test_associate_matches_loop(seed, cameras, min_sim, block):
     assert summary["rejected_similarity_median"] == (pytest.approx(float(np.median(rejected)), abs=1e-5)
                                                      if rejected else None)
     # a merged count of 0 would make the comparisons above weak: the cases do merge some pairs
-    if min_sim <= 0.2:
-        assert summary["merged"] > 0
+    if min_sim == "auto":
+        gate = oracle_gate(*oracle_centres(x, labels, cams))
+        assert -1 < gate < 1 and summary["threshold"] == pytest.approx(gate, abs=1e-5)
+        np.testing.assert_array_equal(full.merged, full.similarity >= full.threshold)
+    else:
+        assert summary["threshold"] == pytest.approx(min_sim)
+        if min_sim <= 0.2:
+            assert summary["merged"] > 0
 
 
 def test_associate_recovers_identities_across_cameras():
@@ -654,6 +676,50 @@ def test_associate_recovers_identities_across_cameras():
     np.testing.assert_array_equal(associate_clusters(x, np.array(labels), np.array(cams), 1.0), labels)
 
 
+def _two_view_people(identity: float, camera: float, people: int = 8, per: int = 4):
+    """Per person one cluster per camera. A row is ``identity`` along its person's own axis plus
+    ``camera`` along its camera's axis (all axes orthogonal) plus a little noise: two people seen by
+    one camera have cosine about camera² / (identity² + camera²), a person's two views identity² / (...)."""
+    g = torch.Generator().manual_seed(3)
+    rows, labels, cams = [], [], []
+    for p in range(people):
+        for c in range(2):
+            for _ in range(per):
+                row = 0.01 * torch.randn(people + 2, generator=g)
+                row[p] += identity
+                row[people + c] += camera
+                rows.append(row)
+                labels.append(2 * p + c)
+                cams.append(c)
+    return F.normalize(torch.stack(rows), dim=1), np.array(labels), np.array(cams)
+
+
+def test_associate_auto_gate_waits_for_the_camera_gap_to_close():
+    """"auto" merges a cross-camera pair only when it is closer than the median cluster is to its
+    nearest same-camera cluster: shut while the camera dominates the features, open once the identity does."""
+    people, per = 8, 4
+    x, labels, cams = _two_view_people(identity=1.0, camera=1.5, people=people, per=per)
+    shut = associate(x, labels, cams, "auto")
+    # every person's two views are mutual nearest foreign clusters, but all below the gate (about 0.69)
+    assert shut.summary()["mutual_pairs"] == people and shut.summary()["merged"] == 0
+    np.testing.assert_array_equal(shut.labels, labels)
+    assert shut.similarity.max() < shut.threshold
+    assert shut.threshold == pytest.approx(1.5 ** 2 / (1 + 1.5 ** 2), abs=0.02)
+    # a fixed threshold below their similarity (about 0.31) merges them: the gate is what holds them back
+    np.testing.assert_array_equal(associate(x, labels, cams, 0.25).labels, np.repeat(np.arange(people), 2 * per))
+    x, labels, cams = _two_view_people(identity=1.5, camera=1.0, people=people, per=per)
+    opened = associate(x, labels, cams, "auto")
+    np.testing.assert_array_equal(opened.labels, np.repeat(np.arange(people), 2 * per))
+    assert opened.similarity.min() >= opened.threshold
+
+
+def test_associate_auto_without_a_same_camera_neighbour_merges_nothing():
+    x = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.1]]), dim=1)
+    out = associate(x, np.array([0, 1]), np.array([0, 1]), "auto")
+    np.testing.assert_array_equal(out.labels, [0, 1])
+    assert out.summary()["threshold"] is None and out.summary()["mutual_pairs"] == 1
+
+
 def test_associate_never_merges_clusters_sharing_a_camera():
     x = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.01], [1.0, 0.02], [0.0, 1.0]]), dim=1)
     labels = np.array([0, 1, 1, 2])
@@ -663,7 +729,8 @@ def test_associate_never_merges_clusters_sharing_a_camera():
     # cluster 1 has no candidate at all (every similarity -inf): never counted as a pair
     summary = associate(x, labels, cams, -1.0).summary()
     assert summary == {"mutual_pairs": 1, "merged": 1, "below_threshold": 0,
-                       "merged_similarity_median": pytest.approx(0.0, abs=1e-6), "rejected_similarity_median": None}
+                       "merged_similarity_median": pytest.approx(0.0, abs=1e-6), "rejected_similarity_median": None,
+                       "threshold": -1.0}
 
 
 def test_associate_outliers_and_empty():
@@ -676,6 +743,7 @@ def test_associate_outliers_and_empty():
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"min_similarity": 1.5}, ValueError, "min_similarity"),
     ({"min_similarity": True}, ValueError, "min_similarity"),
+    ({"min_similarity": "median"}, ValueError, "min_similarity"),
     ({"labels": np.zeros(3, dtype=int)}, ValueError, "labels must have shape"),
     ({"camids": np.zeros(4)}, TypeError, "camids must hold integers"),
 ])

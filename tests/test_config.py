@@ -55,6 +55,7 @@ def test_unknown_key_names_key_and_suggests(override, needle):
     ("data.batch_size=100", "num_instances"),
     ("memory.momentum=1.5", "memory.momentum"),
     ("cluster.associate_min_similarity=1.2", "cluster.associate_min_similarity"),
+    ("cluster.associate_min_similarity=median", "cluster.associate_min_similarity"),
     ("noequals", "key=value"),
 ])
 def test_bad_values_are_one_line_errors(override, needle):

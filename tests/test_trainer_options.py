@@ -131,6 +131,13 @@ def test_clusterer_associates_after_dbscan():
                                                    "cluster.associate_min_similarity=0.9"]).cluster)
     np.testing.assert_array_equal(strict(x, cams), plain)
     assert (strict.scale["association"]["merged"], strict.scale["association"]["below_threshold"]) == (0, 6)
+    # "auto" from the config: the gate lies between other people of one camera (cosine ~0.2) and a
+    # person's two views (~0.6), so the same six pairs merge, and the record names the gate
+    gated = jaccard_clusterer(load_config("demo", [*overrides, "cluster.associate=true",
+                                                  "cluster.associate_min_similarity=auto"]).cluster)
+    np.testing.assert_array_equal(gated(x, cams), pid.numpy())
+    gate = gated.scale["association"]["threshold"]
+    assert 0.0 < gate < 0.45 and strict.scale["association"]["threshold"] == 0.9
 
 
 def test_auto_eps_goes_into_the_record_and_the_progress_line(tiny_demo, tmp_path, caplog):

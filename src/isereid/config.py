@@ -90,9 +90,11 @@ class ClusterConfig:
     # one person's views from different cameras can fall into one cluster (docs/camera_aware.md).
     camera_norm: bool = False
     # Merge clusters from disjoint cameras that are each other's most similar foreign cluster, at
-    # cosine similarity >= associate_min_similarity (docs/camera_aware.md#association).
+    # cosine similarity >= associate_min_similarity (docs/camera_aware.md#association), a number or
+    # "auto": closer than the median cluster is to its nearest same-camera cluster (a gate that
+    # stays shut while the camera gap dominates, docs/camera_aware.md#association-gate).
     associate: bool = False
-    associate_min_similarity: float = 0.5
+    associate_min_similarity: Any = 0.5  # a number or "auto" (as cluster.eps)
     # CA-Jaccard (docs/camera_aware.md#ca-jaccard): k-reciprocal sets from each image's k1_intra nearest
     # of its own camera (itself included) and k1_inter nearest of the other cameras, query expansion
     # over k2_intra + k2_inter of them; k1, k2 and knn_backend are then unused (exact torch search
@@ -311,6 +313,9 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if isinstance(cfg.cluster.eps, int) and not isinstance(cfg.cluster.eps, bool):
         cfg.cluster.eps = float(cfg.cluster.eps)
+    sim = cfg.cluster.associate_min_similarity
+    if isinstance(sim, int) and not isinstance(sim, bool):
+        cfg.cluster.associate_min_similarity = float(sim)
     validate(cfg)
     return cfg
 
@@ -342,9 +347,9 @@ def validate(cfg: Config) -> None:
     for key in ("memory.momentum", "memory.camera_momentum", "data.grayscale_prob", "data.color_jitter"):
         if not 0 <= _get(cfg, key) <= 1:
             raise ConfigError(f"{key} must be in [0, 1], got {_get(cfg, key)}")
-    if not -1 <= cfg.cluster.associate_min_similarity <= 1:
-        raise ConfigError(f"cluster.associate_min_similarity must be in [-1, 1], got "
-                          f"{cfg.cluster.associate_min_similarity}")
+    sim = cfg.cluster.associate_min_similarity
+    if sim != "auto" and (not isinstance(sim, (int, float)) or isinstance(sim, bool) or not -1 <= sim <= 1):
+        raise ConfigError(f"cluster.associate_min_similarity must be a number in [-1, 1] or 'auto', got {sim!r}")
     for key in ("memory.cluster_weight", "memory.camera_intra_weight", "memory.camera_inter_weight"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {_get(cfg, key)}")

@@ -13,7 +13,9 @@ diagnostics of each epoch's record.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 import torch
@@ -101,16 +103,20 @@ class Association:
     similarity: (P,) cosine similarity of each *mutual* pair (two clusters sharing no camera, each
     the other's most similar such cluster), in order of the pair's smaller old cluster index.
     merged: (P,) bool, the pair was at or above the threshold and became one cluster.
+    threshold: the similarity a pair needed: ``min_similarity``, or the one ``"auto"`` chose
+    (``inf`` when it had nothing to choose from, so that nothing merged).
     """
 
     labels: np.ndarray
     similarity: np.ndarray
     merged: np.ndarray
+    threshold: float = math.nan
 
     def summary(self) -> dict:
-        """The epoch record's label-free view: ``mutual_pairs`` (P), ``merged``, ``below_threshold``
-        and the median similarity of the merged and of the rejected pairs (None when there are none).
-        Whether the threshold decides anything shows in ``below_threshold``."""
+        """The epoch record's label-free view: ``mutual_pairs`` (P), ``merged``, ``below_threshold``,
+        the median similarity of the merged and of the rejected pairs (None when there are none) and
+        the ``threshold`` used (None when ``"auto"`` found none). Whether the threshold decides
+        anything shows in ``below_threshold``."""
 
         def median(values: np.ndarray):
             return round(float(np.median(values)), 6) if values.size else None
@@ -119,10 +125,11 @@ class Association:
         return {"mutual_pairs": int(self.merged.size), "merged": merged,
                 "below_threshold": int(self.merged.size) - merged,
                 "merged_similarity_median": median(self.similarity[self.merged]),
-                "rejected_similarity_median": median(self.similarity[~self.merged])}
+                "rejected_similarity_median": median(self.similarity[~self.merged]),
+                "threshold": round(float(self.threshold), 6) if math.isfinite(self.threshold) else None}
 
 
-def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
+def associate_clusters(features, labels, camids, min_similarity: Union[float, str] = 0.5,
                        block_rows: int = 4096) -> np.ndarray:
     """Merge pairs of clusters that see a person from different cameras (offline association).
 
@@ -136,7 +143,13 @@ def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
         features: (N, D) rows (tensor on any device, or NumPy), normally the clustering features.
         labels: (N,) int cluster labels, -1 for outliers (kept as they are).
         camids: (N,) integer camera ids.
-        min_similarity: cosine threshold in [-1, 1].
+        min_similarity: cosine threshold in [-1, 1], or ``"auto"``: the median, over clusters, of
+            each cluster's similarity to its most similar *other* cluster sharing one of its
+            cameras. One camera rarely splits a person, so those neighbours are nearly always two
+            people: a cross-camera pair merges only when it is closer than a typical pair of
+            different people seen by the same camera. Early in training the camera gap keeps every
+            pair below that, so nothing merges; the gate opens as the features learn to bridge
+            cameras (docs/camera_aware.md#association-gate). No such neighbour anywhere: no merge.
         block_rows: clusters compared per block: memory is O(block_rows * K), not O(K^2).
 
     Returns:
@@ -146,14 +159,16 @@ def associate_clusters(features, labels, camids, min_similarity: float = 0.5,
     return associate(features, labels, camids, min_similarity, block_rows).labels
 
 
-def associate(features, labels, camids, min_similarity: float = 0.5, block_rows: int = 4096) -> Association:
+def associate(features, labels, camids, min_similarity: Union[float, str] = 0.5,
+              block_rows: int = 4096) -> Association:
     """:func:`associate_clusters`, also returning every mutual pair and whether it was merged."""
     if isinstance(features, np.ndarray):
         features = torch.from_numpy(features)
     check_feature_tensor(features)
     n = features.shape[0]
-    if not is_real_number(min_similarity) or not -1.0 <= min_similarity <= 1.0:
-        raise ValueError(f"min_similarity must be a number in [-1, 1], got {min_similarity!r}")
+    auto = isinstance(min_similarity, str) and min_similarity == "auto"
+    if not auto and (not is_real_number(min_similarity) or not -1.0 <= min_similarity <= 1.0):
+        raise ValueError(f"min_similarity must be a number in [-1, 1] or 'auto', got {min_similarity!r}")
     lab = as_ids(labels, n, "labels", torch.device("cpu")).numpy()
     cams = as_ids(camids, n, "camids", torch.device("cpu")).numpy()
     keep = np.flatnonzero(lab >= 0)
@@ -161,7 +176,7 @@ def associate(features, labels, camids, min_similarity: float = 0.5, block_rows:
     k = ids.shape[0]
     out = np.full(n, -1, dtype=np.int64)
     if k == 0:
-        return Association(out, np.zeros(0), np.zeros(0, dtype=bool))
+        return Association(out, np.zeros(0), np.zeros(0, dtype=bool), math.inf if auto else float(min_similarity))
     _, cam_group = np.unique(cams[keep], return_inverse=True)
     device = features.device
     x = features.to(torch.float32)[torch.from_numpy(keep).to(device)]
@@ -171,20 +186,32 @@ def associate(features, labels, camids, min_similarity: float = 0.5, block_rows:
     seen[member_t, torch.from_numpy(cam_group).to(device)] = 1.0
     best = torch.empty(k, device=device)
     partner = torch.empty(k, dtype=torch.long, device=device)
+    same_best = torch.empty(k, device=device)  # "auto": most similar other cluster sharing a camera
     for start in range(0, k, block_rows):  # blocks of clusters, never K x K at once
         stop = min(k, start + block_rows)
         sim = centres[start:stop] @ centres.T  # (B, K)
-        sim.masked_fill_((seen[start:stop] @ seen.T) > 0, float("-inf"))  # a shared camera: not foreign
+        shared = (seen[start:stop] @ seen.T) > 0  # (B, K) a shared camera: not foreign
+        if auto:
+            same = sim.masked_fill(~shared, float("-inf"))
+            same[torch.arange(stop - start, device=device), torch.arange(start, stop, device=device)] = float("-inf")
+            same_best[start:stop] = same.max(dim=1).values
+        sim.masked_fill_(shared, float("-inf"))
         best[start:stop], partner[start:stop] = sim.max(dim=1)
     best, partner = best.cpu().numpy(), partner.cpu().numpy()
+    if auto:
+        null = same_best.cpu().numpy()
+        null = null[np.isfinite(null)]
+        threshold = float(np.median(null)) if null.size else math.inf
+    else:
+        threshold = float(min_similarity)
     rows = np.arange(k)
     # Mutual pairs are disjoint: each joined pair takes its smaller cluster index as its root, so
     # the sorted unique roots number the new clusters in order of their smallest old label.
     # A row with no cluster sharing none of its cameras has best -inf (its partner index is arbitrary).
     mutual = (partner[partner] == rows) & np.isfinite(best) & (partner > rows)
-    joined = mutual & (best >= min_similarity)
+    joined = mutual & (best >= threshold)
     root = rows.copy()
     root[partner[joined]] = rows[joined]
     _, new_label = np.unique(root, return_inverse=True)
     out[keep] = new_label[member]
-    return Association(out, best[mutual].astype(np.float64), joined[mutual])
+    return Association(out, best[mutual].astype(np.float64), joined[mutual], threshold)

@@ -33,7 +33,8 @@ class PseudoLabelSettings:
 
     eps: DBSCAN radius on the Jaccard distance, or ``"auto"`` (chosen from the features,
     docs/auto_eps.md). camera_norm: subtract each camera's mean feature first. associate: merge
-    mutual-nearest clusters of disjoint cameras at cosine >= ``associate_min_similarity`` after DBSCAN.
+    mutual-nearest clusters of disjoint cameras at cosine >= ``associate_min_similarity`` (or the
+    gate ``"auto"`` of :func:`isereid.clustering.camera.associate`) after DBSCAN.
     camera_jaccard: build the Jaccard distance from own-camera and other-camera k-reciprocal lists
     (k1_intra, k1_inter, query expansion over k2_intra + k2_inter rows) in place of k1 / k2
     (:mod:`isereid.clustering.camera_jaccard`). colour_weight: the weight of the colour cue blended
@@ -47,7 +48,7 @@ class PseudoLabelSettings:
     knn_backend: str = "torch"
     camera_norm: bool = False
     associate: bool = False
-    associate_min_similarity: float = 0.5
+    associate_min_similarity: Union[float, str] = 0.5
     camera_jaccard: bool = False
     k1_intra: int = 5
     k1_inter: int = 20

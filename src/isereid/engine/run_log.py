@@ -75,7 +75,9 @@ def progress_line(record: EpochRecord, epochs: int) -> str:
         parts.append(f"cross-camera clusters {100 * cross:.0f}%")
     pairs = cluster.get("association")
     if isinstance(pairs, Mapping) and "merged" in pairs:
-        parts.append(f"associated {pairs['merged']}/{pairs['mutual_pairs']} mutual pairs")
+        gate = pairs.get("threshold")
+        parts.append(f"associated {pairs['merged']}/{pairs['mutual_pairs']} mutual pairs"
+                     + (f" at cosine >= {gate:.2f}" if isinstance(gate, (int, float)) else ""))
     mutual = cluster.get("mutual_cross_camera")
     if mutual is not None:
         parts.append(f"mutual cross-camera neighbours {100 * mutual:.0f}%")
