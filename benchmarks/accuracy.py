@@ -146,6 +146,9 @@ VARIANTS = {
     # The association gated by the features themselves: a cross-camera pair merges only when it is closer
     # than the median cluster is to its nearest same-camera cluster (docs/camera_aware.md#association-gate).
     "preset_associate_auto": ["cluster.associate_min_similarity=auto"],
+    # The cpu preset ranks with k-reciprocal re-ranking since the tenth round; this is its plain cosine
+    # ranking, the one every earlier CUHK03 row reports.
+    "preset_plain_ranking": ["eval.rerank=false"],
 }
 
 
