@@ -152,6 +152,9 @@ VARIANTS = {
     # Every mutual cross-camera pair of clusters merged: after the first epoch of the development run all
     # 102 mutual pairs are above 0.4 cosine (85 above the preset's 0.5); the gate (fewer merges) lost 2.6 points.
     "preset_associate_040": ["cluster.associate_min_similarity=0.4"],
+    # The camera-blind cluster-memory loss at the reference's full weight instead of the preset's quarter:
+    # the quarter came in with a combination of camera-aware changes and was never measured alone.
+    "preset_cluster_weight_1": ["memory.cluster_weight=1"],
 }
 
 
