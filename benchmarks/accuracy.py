@@ -155,6 +155,9 @@ VARIANTS = {
     # The camera-blind cluster-memory loss at the reference's full weight instead of the preset's quarter:
     # the quarter came in with a combination of camera-aware changes and was never measured alone.
     "preset_cluster_weight_1": ["memory.cluster_weight=1"],
+    # The other direction: no camera-blind cluster-memory loss at all, as in CAP and O2CAP (the supports then
+    # act through the label-preserving loss only).
+    "preset_cluster_weight_0": ["memory.cluster_weight=0"],
 }
 
 
