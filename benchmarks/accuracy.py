@@ -158,6 +158,9 @@ VARIANTS = {
     # The other direction: no camera-blind cluster-memory loss at all, as in CAP and O2CAP (the supports then
     # act through the label-preserving loss only).
     "preset_cluster_weight_0": ["memory.cluster_weight=0"],
+    # The inter-camera term at twice the preset's weight (CAP's scale for 2 cameras is the preset's 1): the
+    # term that pulls a cluster's proxies of different cameras together, and the online association's positives.
+    "preset_inter_weight_2": ["memory.camera_inter_weight=2"],
 }
 
 
