@@ -161,6 +161,9 @@ VARIANTS = {
     # The inter-camera term at twice the preset's weight (CAP's scale for 2 cameras is the preset's 1): the
     # term that pulls a cluster's proxies of different cameras together, and the online association's positives.
     "preset_inter_weight_2": ["memory.camera_inter_weight=2"],
+    # Flip-averaged clustering features (docs/camera_aware.md#flip-features): each training image's and its
+    # mirror image's embeddings summed and re-normalised before the clustering; training and evaluation as before.
+    "preset_flip_cluster": ["cluster.flip=true"],
 }
 
 

@@ -112,6 +112,10 @@ class ClusterConfig:
     # at epoch colour_epochs (0-based): epoch e uses colour_weight * max(0, 1 - e / colour_epochs).
     colour_weight: float = 0.0
     colour_epochs: int = 2
+    # Cluster on flip-averaged features: each image's and its mirror image's embeddings summed and
+    # re-normalised, so a person walking left in one camera and right in another looks alike
+    # (docs/camera_aware.md#flip-features). Twice the extraction time of the clustering pass.
+    flip: bool = False
 
 
 @dataclass
@@ -189,6 +193,8 @@ class EvalConfig:
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
     max_rank: int = 50
+    # Query and gallery features flip-averaged as cluster.flip does for clustering (twice the extraction time).
+    flip: bool = False
     # Unused: kept so that config.yaml files written by older versions still load; pictures of the
     # best and worst queries come from `isereid test --visualize N`.
     visualize: int = 0

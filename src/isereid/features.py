@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,8 +36,13 @@ def extract_features(
     loader=None,
     camids: Optional[Sequence[int]] = None,
     camera_images: int = 512,
+    flip: bool = False,
 ) -> torch.Tensor:
     """Run ``model`` in eval mode over ``paths`` -> (N, D) float32 CPU tensor, rows in input order.
+
+    ``flip``: each row is the sum of the image's and its left-right mirror image's embeddings,
+    L2-normalised (for the unit-length embeddings of ReidNet, the normalised mean): a view-direction
+    invariant feature at twice the extraction cost (docs/camera_aware.md#flip-features).
 
     Always float32, also when training uses ``train.amp`` (docs/reference_quirks.md#q31).
     Under torch.distributed each rank extracts a contiguous shard and the shards are
@@ -52,7 +58,7 @@ def extract_features(
     if camids is not None and has_camera_bn(model):
         return _extract_by_camera(model, paths, transform, np.asarray(camids), camera_images,
                                   batch_size=batch_size, workers=workers, device=device, progress=progress,
-                                  desc=desc, dist_ctx=ctx, channels_last=channels_last, loader=loader)
+                                  desc=desc, dist_ctx=ctx, channels_last=channels_last, loader=loader, flip=flip)
     shard = ctx.shard(len(paths))
     dataset = ImageDataset([paths[i] for i in shard], transform, **({"loader": loader} if loader else {}))
     loader = make_loader(dataset, workers, batch_size=batch_size, shuffle=False,
@@ -66,8 +72,10 @@ def extract_features(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast
-            feats = model(images)
-        chunks.append(feats.float())
+            feats = model(images).float()
+            if flip:  # width is the last axis in both memory formats' logical (B, C, H, W) view
+                feats = F.normalize(feats + model(images.flip(3)).float(), dim=1)
+        chunks.append(feats)
     model.train(was_training)
     if chunks:
         local = torch.cat(chunks)

@@ -36,7 +36,7 @@ def evaluate_model(
     dist_ctx: Optional[DistContext] = None,
     progress: bool = True,
 ) -> Evaluation:
-    """Extract single-view features of query ∪ gallery and score them with the Market protocol."""
+    """Extract features of query ∪ gallery (flip-averaged with ``eval.flip``), score them with the Market protocol."""
     if not dataset.has_test:
         raise DatasetError(f"dataset {dataset.name} at {dataset.root} has no query/gallery split to evaluate on")
     paths = sorted({s.path for s in dataset.query} | {s.path for s in dataset.gallery})
@@ -46,7 +46,7 @@ def evaluate_model(
         model, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
         workers=cfg.data.workers, device=device, progress=progress, desc="evaluate", dist_ctx=dist_ctx,
         channels_last=cfg.model.channels_last, camids=[camera[p] for p in paths],
-        camera_images=cfg.model.camera_bn_images,
+        camera_images=cfg.model.camera_bn_images, flip=cfg.eval.flip,
     )
     qf = feats[[row[s.path] for s in dataset.query]]
     gf = feats[[row[s.path] for s in dataset.gallery]]

@@ -351,6 +351,7 @@ class Trainer:
             workers=cfg.data.workers, device=self.device, progress=cfg.train.progress,
             desc=f"epoch {epoch + 1} features", dist_ctx=self.ctx, channels_last=cfg.model.channels_last,
             loader=self._image_loader(), camids=self.camids, camera_images=cfg.model.camera_bn_images,
+            flip=cfg.cluster.flip,
         )  # fp32, as evaluation features: one precision for clustering and evaluation
 
     def _image_loader(self):
