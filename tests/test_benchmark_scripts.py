@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from isereid.cli import main
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["optim.iters=2", "data.workers=0", "data.batch_size=32", "model.bn_chunk=16", "data.height=32",
         "data.width=16", "data.pad=2", "cluster.eps=0.5", "eval.every=1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench_demo")
-    assert main(["demo-data", str(root), "--identities", "24", "--cameras", "3", "--seed", "2"]) == 0
-    return root
 
 
 def test_epoch_profile_writes_phases_and_ratio(tiny_demo, tmp_path):

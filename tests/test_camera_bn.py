@@ -202,14 +202,6 @@ def test_extraction_normalises_each_camera_with_its_own_images(tmp_path):
                                extract_features(plain, paths, transform, batch_size=4, progress=False))
 
 
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
-    from isereid.cli import main
-    root = tmp_path_factory.mktemp("tiny_demo")
-    assert main(["demo-data", str(root), "--identities", "24", "--cameras", "3", "--seed", "2"]) == 0
-    return root
-
-
 def test_trainer_groups_batches_by_camera_and_the_saved_model_scores_the_same(tiny_demo, tmp_path, monkeypatch):
     """Every training forward runs with camera groups; the model file keeps camera BN, and
     `evaluate_model` on the loaded file gives the mAP the run recorded for that epoch."""

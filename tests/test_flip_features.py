@@ -72,14 +72,6 @@ def test_flip_features_are_the_same_for_mirror_images(tmp_path):
     assert differ > 1e-3
 
 
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
-    from isereid.cli import main
-    root = tmp_path_factory.mktemp("flip_demo")
-    assert main(["demo-data", str(root), "--identities", "12", "--cameras", "2", "--seed", "4"]) == 0
-    return root
-
-
 def _cfg(root, *extra):
     from isereid.config import load_config
     return load_config("demo", ["optim.epochs=1", "optim.iters=1", "data.workers=0", "train.progress=false",

@@ -29,13 +29,6 @@ TINY = ["optim.epochs=2", "optim.iters=2", "eval.every=2", "data.workers=0", "tr
         "data.pad=2", "cluster.eps=0.5"]
 
 
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_demo")
-    assert main(["demo-data", str(root), "--identities", "24", "--cameras", "3", "--seed", "2"]) == 0
-    return root
-
-
 def _trainer(root: Path, out: Path, *overrides: str) -> Trainer:
     cfg = load_config("demo", [*TINY, f"data.root={root}", *overrides])
     torch.manual_seed(cfg.seed)
