@@ -170,6 +170,12 @@ VARIANTS = {
     # Wider k-reciprocal sets alone, on single-view clustering features: separates the k1 / k2 change from
     # the flip averaging, which lost on its own in the twelfth round.
     "preset_k1_10": ["cluster.k1=10", "cluster.k2=4"],
+    # The preset without ISE's support samples (Cluster Contrast with the same camera-aware parts):
+    # what the method's own contribution is on real crops, never measured there.
+    "preset_no_ise": ["ise.pil=false", "ise.lp=false"],
+    # Twice the learning rate: the preset's rate is constant over its 10 short epochs and both the
+    # unsupervised and the supervised curves still rise at the last one.
+    "preset_lr_2x": ["optim.lr=7e-4"],
 }
 
 
