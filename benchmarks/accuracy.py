@@ -176,6 +176,9 @@ VARIANTS = {
     # Twice the learning rate: the preset's rate is constant over its 10 short epochs and both the
     # unsupervised and the supervised curves still rise at the last one.
     "preset_lr_2x": ["optim.lr=7e-4"],
+    # Pseudo-labels from an exponential moving average of the weights (decay 0.99: about the last 100
+    # of an epoch's 155 steps), so that one noisy step moves an epoch's clusters less.
+    "preset_ema": ["cluster.ema=0.99"],
 }
 
 

@@ -116,6 +116,10 @@ class ClusterConfig:
     # re-normalised, so a person walking left in one camera and right in another looks alike
     # (docs/camera_aware.md#flip-features). Twice the extraction time of the clustering pass.
     flip: bool = False
+    # Cluster on the features of an exponential moving average of the network's weights with this
+    # decay, updated after every optimizer step (0 = the network itself; 0.99 averages over about the
+    # last 100 steps). docs/camera_aware.md#weight-average.
+    ema: float = 0.0
 
 
 @dataclass
@@ -419,6 +423,8 @@ def _validate_ranges(cfg: Config) -> None:
         value = _get(cfg, key)
         if (low is not None and value < low) or (high is not None and value > high):
             raise ConfigError(f"config key {key!r} must be {what}, got {value}")
+    if not 0.0 <= cfg.cluster.ema < 1.0:
+        raise ConfigError(f"config key 'cluster.ema' must be a number in [0, 1) (0 = off), got {cfg.cluster.ema}")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         raise ConfigError(f"config key 'train.grad_clip' must be positive (or null for no clipping), "
                           f"got {cfg.train.grad_clip}")

@@ -196,6 +196,8 @@ def payload(cfg: Config, state: TrainingState) -> dict[str, Any]:
         "history": [r.to_dict() for r in state.history], "rng": state.rng,
         "config": to_dict(cfg), "world_size": state.world_size,
     })
+    if state.averaged is not None:  # only with cluster.ema: earlier files and runs without it lack the key
+        out["averaged_state_dict"] = state.averaged
     return out
 
 
@@ -259,7 +261,9 @@ def parse_state(raw: dict, cfg: Config, source: str) -> TrainingState:
         pseudo_labels=labels.numpy().astype(np.int64) if labels is not None else None,
         best_score=float(_get(raw, "best_score", (float, int), source)),
         best_epoch=_get(raw, "best_epoch", (int,), source), history=history, rng=rng,
-        world_size=int(raw.get("world_size", 1)), source=source)
+        world_size=int(raw.get("world_size", 1)),
+        averaged=_get(raw, "averaged_state_dict", (dict,), source) if "averaged_state_dict" in raw else None,
+        source=source)
 
 
 def _same_paths(images: Path, paths: np.ndarray) -> bool:

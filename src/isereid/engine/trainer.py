@@ -46,6 +46,7 @@ from ..features import extract_features
 from ..ise import interpolation_weight
 from ..memory import ClusterMemory
 from ..models import build_model, trainable_parameters
+from ..models.averaged import weight_average
 from ..models.camera_bn import has_camera_bn
 from ..utils import atomic_write_text, failpoint, seed_everything
 from . import checkpoint as ckpt
@@ -208,6 +209,8 @@ class Trainer:
                 self.net = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
         self.optimizer = optimizer
         self.scheduler = scheduler
+        # cluster.ema: the weight average whose features the clustering uses (None: the network's own)
+        self.averaged = weight_average(model, cfg.cluster.ema) if cfg.cluster.ema > 0 else None
         self.cluster_fn = cluster_fn if cluster_fn is not None else jaccard_clusterer(cfg.cluster, self.colour_cue)
         self.amp = bool(cfg.train.amp)
         if scaler is None:
@@ -346,8 +349,9 @@ class Trainer:
 
     def _extract_train(self, paths: list[str], epoch: int) -> torch.Tensor:
         cfg = self.cfg
+        network = self.model if self.averaged is None else self.averaged.module
         return extract_features(
-            self.model, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
+            network, paths, build_test_transform(cfg.data), batch_size=cfg.data.test_batch_size,
             workers=cfg.data.workers, device=self.device, progress=cfg.train.progress,
             desc=f"epoch {epoch + 1} features", dist_ctx=self.ctx, channels_last=cfg.model.channels_last,
             loader=self._image_loader(), camids=self.camids, camera_images=cfg.model.camera_bn_images,
@@ -482,6 +486,8 @@ class Trainer:
             values = train_step(parts, images, labels, None if epoch_cams is None else epoch_cams[rows], weight,
                                 where=f" at epoch {epoch + 1}, iteration {i + 1}; the last good checkpoint "
                                       f"is kept in {self.out}")
+            if self.averaged is not None:
+                self.averaged.update_parameters(self.model)
             failpoint("iteration")
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -520,7 +526,8 @@ class Trainer:
             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(), memory=self.memory,
             camera_memory=self.camera_memory, pseudo_labels=self.pseudo_labels, best_score=self.best_score,
             best_epoch=self.best_epoch, history=list(self.history), rng=ckpt.rng_state(),
-            world_size=self.ctx.world_size)
+            world_size=self.ctx.world_size,
+            averaged=self.averaged.state_dict() if self.averaged is not None else None)
 
     def resume(self) -> None:
         """Continue from ``checkpoint_last.pt`` when the output folder has one."""
@@ -530,7 +537,8 @@ class Trainer:
         state = folder.load_state(self.cfg)
         if state is None:
             return
-        state.restore(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        state.restore(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                      averaged=self.averaged)
         self.start_epoch = state.epoch
         self.best_score = state.best_score
         self.best_epoch = state.best_epoch

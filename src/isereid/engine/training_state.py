@@ -39,7 +39,8 @@ class TrainingState:
     model / optimizer / scheduler / scaler: their ``state_dict()``s. memory / camera_memory: the
     memories of the current pseudo-labels (None before the first clustering, or without camera-aware
     memory). pseudo_labels: (N,) int64, -1 for outliers. history: the records of epochs 1..epoch.
-    rng: :func:`isereid.engine.checkpoint.rng_state`. source: the file it was read from ("" when built
+    rng: :func:`isereid.engine.checkpoint.rng_state`. averaged: the ``state_dict()`` of the weight
+    average of ``cluster.ema`` (None without it). source: the file it was read from ("" when built
     in memory), named by errors while restoring.
     """
 
@@ -57,13 +58,21 @@ class TrainingState:
     history: list[EpochRecord]
     rng: dict[str, Any]
     world_size: int = 1
+    averaged: Optional[dict[str, torch.Tensor]] = None
     source: str = field(default="", compare=False)
 
-    def restore(self, *, model: torch.nn.Module, optimizer, scheduler, scaler) -> None:
-        """Load the four states into the given parts; CheckpointError naming the file and the part
-        that does not fit (another architecture, another parameter grouping)."""
+    def restore(self, *, model: torch.nn.Module, optimizer, scheduler, scaler,
+                averaged: Optional[torch.nn.Module] = None) -> None:
+        """Load the four states (five with ``averaged``, the weight average of ``cluster.ema``) into the
+        given parts; CheckpointError naming the file and the part that does not fit (another architecture,
+        another parameter grouping, no weight average saved)."""
         parts = (("state_dict", model, self.model), ("optimizer", optimizer, self.optimizer),
                  ("scheduler", scheduler, self.scheduler), ("scaler", scaler, self.scaler))
+        if averaged is not None:
+            if self.averaged is None:
+                raise CheckpointError(f"cannot resume from {self.source or 'the checkpoint'}: it holds no "
+                                      "'averaged_state_dict' (the weight average of cluster.ema)")
+            parts += (("averaged_state_dict", averaged, self.averaged),)
         for key, part, state in parts:
             try:
                 part.load_state_dict(state)

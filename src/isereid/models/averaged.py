@@ -1,0 +1,25 @@
+"""An exponential moving average of a network's weights (``cluster.ema``, docs/camera_aware.md#weight-average).
+
+The clustering can take its features from the average instead of the network being trained: the
+pseudo-labels of an epoch then reflect the last few hundred steps rather than the last one, which
+moves them less between epochs when single steps are noisy. The average is PyTorch's own
+``torch.optim.swa_utils.AveragedModel`` with its EMA rule; buffers (BatchNorm statistics)
+are copied from the network, not averaged, so a camera-based BatchNorm network's extraction
+re-estimates them just as it does for the network itself.
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """A copy of ``model`` whose parameters follow ``w_avg <- decay * w_avg + (1 - decay) * w`` each
+    time ``update_parameters(model)`` is called; it starts equal to ``model`` (one update is made
+    here). ``decay`` in [0, 1): 0 copies the network at every update."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    average.requires_grad_(False)
+    average.update_parameters(model)  # the first update copies: the average starts at the network
+    return average
