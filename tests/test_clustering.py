@@ -406,7 +406,7 @@ def test_cluster_report_hand_computed():
     d = json.loads(json.dumps(report.to_dict()))
     assert set(d) == {"num_clusters", "num_outliers", "histogram", "nmi", "ari", "purity",
                       "cross_camera_clusters", "cross_camera_images", "mutual_cross_camera",
-                      "cross_camera_nn_accuracy"}
+                      "cross_camera_nn_accuracy", "previous_agreement"}
     assert d["nmi"] == pytest.approx(report.nmi)
     assert d["cross_camera_clusters"] is None and d["cross_camera_images"] is None  # no cameras given
 
@@ -415,7 +415,48 @@ def test_cluster_report_without_truth():
     d = cluster_report(np.array([0, 1, 1, -1, -1])).to_dict()
     assert d == {"num_clusters": 2, "num_outliers": 2, "histogram": {"1": 1, "2-3": 1},
                  "nmi": None, "ari": None, "purity": None, "cross_camera_clusters": None,
-                 "cross_camera_images": None, "mutual_cross_camera": None, "cross_camera_nn_accuracy": None}
+                 "cross_camera_images": None, "mutual_cross_camera": None, "cross_camera_nn_accuracy": None,
+                 "previous_agreement": None}
+
+
+def _ari_oracle(a, b):
+    """The adjusted Rand index from its definition: pairs together in a, in b, in both, over all pairs
+    (outliers, -1, each alone)."""
+    n = len(a)
+    same_a = [[a[i] == a[j] and a[i] >= 0 for j in range(n)] for i in range(n)]
+    same_b = [[b[i] == b[j] and b[i] >= 0 for j in range(n)] for i in range(n)]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    both = sum(same_a[i][j] and same_b[i][j] for i, j in pairs)
+    in_a = sum(same_a[i][j] for i, j in pairs)
+    in_b = sum(same_b[i][j] for i, j in pairs)
+    expected = in_a * in_b / len(pairs)
+    top = (in_a + in_b) / 2
+    return 1.0 if top == expected else (both - expected) / (top - expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_agreement_matches_the_pair_counting_oracle(seed):
+    from isereid.clustering import label_agreement
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 40))
+    a = rng.integers(-1, int(rng.integers(2, 8)), n)
+    b = np.where(rng.random(n) < 0.7, a, rng.integers(-1, 6, n))  # mostly the same clusters, some moved
+    assert label_agreement(a, b) == pytest.approx(_ari_oracle(a, b), abs=1e-12)
+    assert label_agreement(a, a) == pytest.approx(1.0)
+    renamed = np.where(a >= 0, (a + 3) * 7, -1)  # the same partition under other names
+    assert label_agreement(a, renamed) == pytest.approx(1.0)
+    with pytest.raises(ClusteringError, match="previous labels"):
+        label_agreement(a, b[:-1])
+
+
+def test_label_agreement_counts_outliers_as_singletons():
+    from isereid.clustering import label_agreement
+
+    clustered = np.array([0, 0, 1, 1, 2, 2])
+    # all outliers now: no pair stays together; counting -1 as one cluster would call it a merge instead
+    assert label_agreement(clustered, np.full(6, -1)) == pytest.approx(_ari_oracle(clustered, np.full(6, -1)))
+    assert label_agreement(np.array([0, 0, -1, -1]), np.array([0, 0, -1, -1])) == pytest.approx(1.0)
 
 
 def _camera_spread_oracle(labels, cameras):

@@ -266,6 +266,18 @@ def test_metrics_jsonl_has_camera_diagnostics(tiny_demo, tmp_path):
     assert record["phases"]["data_wait"] <= record["phases"]["train"] <= record["seconds"]
 
 
+def test_each_clustering_after_the_first_records_its_agreement_with_the_previous_labels(tiny_demo, tmp_path):
+    from isereid.clustering import label_agreement
+    from isereid.engine.run_state import LABELS
+
+    out = tmp_path / "agree"
+    _trainer(tiny_demo, out, "optim.epochs=2").run()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["cluster"]["previous_agreement"] is None  # nothing to compare the first clustering with
+    first, second = (np.load(out / LABELS / f"epoch_{e:03d}.npz")["labels"] for e in (1, 2))
+    assert records[1]["cluster"]["previous_agreement"] == pytest.approx(label_agreement(first, second), abs=1e-6)
+
+
 @pytest.mark.parametrize("foreign", ["any", "same_camera"])
 def test_same_camera_foreign_centroids_reach_the_supports(tiny_demo, tmp_path, monkeypatch, foreign):
     import isereid.engine.step as step

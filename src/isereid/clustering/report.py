@@ -12,6 +12,10 @@ NMI and ARI (sklearn.metrics) are computed over all points, each outlier (-1) co
 own singleton cluster, so discarding images is penalised. Purity is the fraction of clustered
 (non-outlier) points whose true label is the majority label of their cluster (0.0 when no
 point is clustered).
+
+``previous_agreement`` needs no identities either: the ARI between this clustering and the previous
+epoch's (outliers as singletons again; :func:`label_agreement`). It tells whether the pseudo-labels have
+settled (near 1) or are still being remade (towards 0).
 """
 from __future__ import annotations
 
@@ -44,15 +48,36 @@ class ClusteringReport:
     # whose nearest other-camera image is the same person.
     mutual_cross_camera: Optional[float] = None
     cross_camera_nn_accuracy: Optional[float] = None
+    previous_agreement: Optional[float] = None  # label_agreement with the previous epoch's labels (label-free)
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict with keys num_clusters, num_outliers, histogram, nmi, ari, purity,
-        cross_camera_clusters, cross_camera_images, mutual_cross_camera, cross_camera_nn_accuracy."""
+        cross_camera_clusters, cross_camera_images, mutual_cross_camera, cross_camera_nn_accuracy,
+        previous_agreement."""
         return {"num_clusters": self.num_clusters, "num_outliers": self.num_outliers,
                 "histogram": dict(self.size_histogram), "nmi": self.nmi, "ari": self.ari,
                 "purity": self.purity, "cross_camera_clusters": self.cross_camera_clusters,
                 "cross_camera_images": self.cross_camera_images, "mutual_cross_camera": self.mutual_cross_camera,
-                "cross_camera_nn_accuracy": self.cross_camera_nn_accuracy}
+                "cross_camera_nn_accuracy": self.cross_camera_nn_accuracy,
+                "previous_agreement": self.previous_agreement}
+
+
+def _singletons(labels: np.ndarray) -> np.ndarray:
+    """(N,) ``labels`` with each outlier (-1) given a label of its own."""
+    out = labels.copy()
+    outliers = labels < 0
+    out[outliers] = labels.max(initial=-1) + 1 + np.arange(int(outliers.sum()))
+    return out
+
+
+def label_agreement(previous: np.ndarray, labels: np.ndarray) -> float:
+    """Adjusted Rand index between two clusterings (N,) of the same images, -1 for outliers, each
+    outlier its own singleton cluster: 1 for the same partition, about 0 for unrelated ones."""
+    previous = np.asarray(previous).astype(np.int64, copy=False).ravel()
+    labels = np.asarray(labels).astype(np.int64, copy=False).ravel()
+    if previous.shape != labels.shape:
+        raise ClusteringError(f"the previous labels have {previous.size} entries but labels has {labels.size}")
+    return float(adjusted_rand_score(_singletons(previous), _singletons(labels)))
 
 
 def size_histogram(sizes: np.ndarray) -> Dict[str, int]:
@@ -119,8 +144,7 @@ def cluster_report(labels: np.ndarray, true_labels: Optional[np.ndarray] = None,
         raise ClusteringError(f"true_labels has {truth.size} entries but labels has {labels.size}")
     if labels.size == 0:
         return report
-    singleton = labels.copy()
-    singleton[~clustered] = labels.max(initial=-1) + 1 + np.arange(int((~clustered).sum()))
+    singleton = _singletons(labels)
     report.nmi = float(normalized_mutual_info_score(truth, singleton))
     report.ari = float(adjusted_rand_score(truth, singleton))
     if clustered.any():

@@ -81,6 +81,9 @@ def progress_line(record: EpochRecord, epochs: int) -> str:
     mutual = cluster.get("mutual_cross_camera")
     if mutual is not None:
         parts.append(f"mutual cross-camera neighbours {100 * mutual:.0f}%")
+    agreement = cluster.get("previous_agreement")
+    if agreement is not None:
+        parts.append(f"ARI with last epoch's labels {agreement:.2f}")
     nmi = cluster.get("nmi")
     if nmi is not None:
         parts.append(f"NMI {nmi:.3f}")

@@ -31,7 +31,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..camera_memory import CameraProxyMemory
-from ..clustering import PseudoLabelSettings, cluster_report, mutual_share, nearest_other_camera, partition_warning
+from ..clustering import (
+    PseudoLabelSettings,
+    cluster_report,
+    label_agreement,
+    mutual_share,
+    nearest_other_camera,
+    partition_warning,
+)
 from ..clustering import pseudo_labels as cluster_pseudo_labels
 from ..clustering.colour import hsv_histograms
 from ..config import ClusterConfig, Config, OptimConfig, to_yaml
@@ -405,10 +412,12 @@ class Trainer:
             self.camera_memory = CameraProxyMemory.from_features(
                 features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
                 torch.as_tensor(self.camids[keep], device=self.device), **camera_memory_kwargs(cfg.memory))
-        self.pseudo_labels = labels
+        previous, self.pseudo_labels = self.pseudo_labels, labels
         if self.ctx.is_main:  # labels/epoch_NNN.npz, what `isereid serve` shows
             self.run_folder.write_labels(epoch + 1, labels, paths, self.camids, features)
         report = cluster_report(labels, self.true_pids, self.camids)
+        if previous is not None and len(previous) == len(labels):
+            report.previous_agreement = round(label_agreement(previous, labels), 6)
         if self.ctx.is_main and self.multi_camera:
             neighbour = nearest_other_camera(features, self.camids)
             report.mutual_cross_camera = round(mutual_share(neighbour), 6)
