@@ -83,14 +83,19 @@ def test_the_clustering_features_come_from_the_average(demo, tmp_path):
     assert trainer.cluster_fn.calls[0][0] == (len(paths), 16)
 
 
-def test_a_run_with_the_average_resumes_bit_identical(demo, tmp_path):
-    whole = _trainer(demo, tmp_path / "whole", "cluster.ema=0.5")
-    whole.run()
-    out = tmp_path / "stopped"
+def _stopped_after_epoch_1(demo, out):
+    """The run folder of a 2-epoch run with ``cluster.ema=0.5`` stopped right after epoch 1's save."""
     first = _trainer(demo, out, "cluster.ema=0.5")
     _stop_after_first_save(first)
     with pytest.raises(_Stop):
         first.run()
+    return out
+
+
+def test_a_run_with_the_average_resumes_bit_identical(demo, tmp_path):
+    whole = _trainer(demo, tmp_path / "whole", "cluster.ema=0.5")
+    whole.run()
+    out = _stopped_after_epoch_1(demo, tmp_path / "stopped")
     saved = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert "averaged_state_dict" in saved
     again = _trainer(demo, out, "cluster.ema=0.5")
@@ -110,11 +115,7 @@ def test_a_checkpoint_without_the_average_is_refused_when_resuming_with_it(demo,
     from isereid.engine.run_state import RunFolder
     from isereid.errors import CheckpointError
 
-    out = tmp_path / "run"
-    first = _trainer(demo, out, "cluster.ema=0.5")
-    _stop_after_first_save(first)
-    with pytest.raises(_Stop):
-        first.run()
+    out = _stopped_after_epoch_1(demo, tmp_path / "run")
     raw = torch.load(out / "checkpoint_last.pt", weights_only=True)
     del raw["averaged_state_dict"]
     torch.save(raw, out / "checkpoint_last.pt")
