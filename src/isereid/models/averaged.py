@@ -1,8 +1,8 @@
 """An exponential moving average of a network's weights (``cluster.ema``, docs/camera_aware.md#weight-average).
 
 The clustering can take its features from the average instead of the network being trained: the
-pseudo-labels of an epoch then reflect the last few hundred steps rather than the last one, which
-moves them less between epochs when single steps are noisy. The average is PyTorch's own
+pseudo-labels of an epoch then reflect the last steps (about 1 / (1 - decay) of them) rather than the
+last one, which moves them less between epochs when single steps are noisy. The average is PyTorch's own
 ``torch.optim.swa_utils.AveragedModel`` with its EMA rule; buffers (BatchNorm statistics)
 are copied from the network, not averaged, so a camera-based BatchNorm network's extraction
 re-estimates them just as it does for the network itself.
