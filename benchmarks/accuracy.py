@@ -179,6 +179,9 @@ VARIANTS = {
     # Pseudo-labels from an exponential moving average of the weights (decay 0.99: about the last 100
     # of an epoch's 155 steps), so that one noisy step moves an epoch's clusters less.
     "preset_ema": ["cluster.ema=0.99"],
+    # GeM pooling (a trainable exponent, initialised at 3; Cluster Contrast's default head) instead of the
+    # average: weights the strongest activations of each channel, e.g. a bag or a coloured garment.
+    "preset_gem": ["model.pooling=gem"],
 }
 
 
