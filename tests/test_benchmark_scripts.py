@@ -166,3 +166,61 @@ def test_holdout_split_holds_out_whole_multi_camera_identities_and_never_reads_t
     assert payload["holdout"]["query_images"] == manifest["query_images"]
     log = (tmp_path / "runs" / "direct-seed1" / "log.txt").read_text()
     assert str(tmp_path / "runs" / "holdout_split") in log and "development split" in proc.stderr
+
+
+def _write_run(folder: Path, records: list) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def _rank_correlation_oracle(x: list, y: list) -> float:
+    """Spearman's rho without ties, written out: 1 - 6 * sum(d^2) / (n (n^2 - 1)) on the ranks."""
+    rank = lambda v: {value: i for i, value in enumerate(sorted(v))}  # noqa: E731
+    rx, ry = rank(x), rank(y)
+    n = len(x)
+    return 1 - 6 * sum((rx[a] - ry[b]) ** 2 for a, b in zip(x, y)) / (n * (n * n - 1))
+
+
+def test_signals_rank_correlates_each_epoch_with_the_last_score(tmp_path):
+    """Five runs, two epochs: epoch 1's signal ranks the scores in an arbitrary order, epoch 2's
+    exactly; a run without the nested ``association.merged`` drops out of that signal only."""
+    rng = __import__("random").Random(0)
+    scores = [0.31, 0.42, 0.27, 0.39, 0.35]
+    first = [rng.random() for _ in scores]
+    folders = []
+    for i, (score, value) in enumerate(zip(scores, first)):
+        cluster1 = {"mutual_cross_camera": value, "association": {"merged": 10 + i}}
+        cluster2 = {"mutual_cross_camera": 2 * score, "association": {"merged": 5 - i} if i else {}}
+        folders.append(_write_run(tmp_path / f"r{i}" / "run", [{"epoch": 1, "cluster": cluster1},
+                                                               {"epoch": 2, "cluster": cluster2, "mAP": score}]))
+    out = tmp_path / "signals.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "signals.py"),
+                           *[str(f.parent) for f in folders], "--output", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["score"] for r in result["runs"]] == scores
+    by_name = {s["name"]: s for s in result["signals"]}
+    mutual = by_name["mutual_cross_camera"]["epochs"]
+    assert mutual[0]["spearman"] == pytest.approx(_rank_correlation_oracle(first, scores), abs=1e-12)
+    assert mutual[1]["spearman"] == pytest.approx(1.0) and mutual[1]["runs"] == 5
+    merged = by_name["association.merged"]["epochs"]
+    assert merged[0]["spearman"] == pytest.approx(_rank_correlation_oracle(list(range(10, 15)), scores))
+    assert merged[1]["runs"] == 4
+    assert merged[1]["spearman"] == pytest.approx(_rank_correlation_oracle([4, 3, 2, 1], scores[1:]))
+    assert by_name["nmi"]["label_free"] is False and by_name["nmi"]["epochs"][0]["spearman"] is None
+    assert "mutual_cross_camera" in proc.stdout and "+1.00" in proc.stdout
+
+
+def test_signals_refuses_unscored_runs_in_one_line(tmp_path):
+    folders = [_write_run(tmp_path / f"r{i}", [{"epoch": 1, "cluster": {}}]) for i in range(3)]
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "signals.py"), *map(str, folders),
+                           "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "'mAP'" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "signals.py"), str(folders[0]),
+                           str(tmp_path / "missing"), str(folders[1]), "--output", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "missing" in proc.stderr and "Traceback" not in proc.stderr
