@@ -101,10 +101,12 @@ def table(result: dict) -> str:
     epochs = [row["epoch"] for row in result["signals"][0]["epochs"]] if result["signals"] else []
     lines = [f"Spearman correlation with the last epoch's {result['score']} over {len(result['runs'])} runs"
              " (* needs labels)",
-             f"{'epoch':28s}" + "".join(f"{e:>7d}" for e in epochs)]
+             f"{'epoch':28s}" + "".join(f"{e:>7d}" for e in epochs) + "   runs"]
     for signal in result["signals"]:
         cells = "".join("      -" if r["spearman"] is None else f"{r['spearman']:+7.2f}" for r in signal["epochs"])
-        lines.append(f"{signal['name'] + ('' if signal['label_free'] else ' *'):28s}{cells}")
+        # Runs that recorded the signal (at its best-covered epoch): an older run may lack a newer diagnostic.
+        counted = max((r["runs"] for r in signal["epochs"]), default=0)
+        lines.append(f"{signal['name'] + ('' if signal['label_free'] else ' *'):28s}{cells}{counted:7d}")
     return "\n".join(lines)
 
 

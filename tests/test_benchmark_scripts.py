@@ -211,6 +211,7 @@ def test_signals_rank_correlates_each_epoch_with_the_last_score(tmp_path):
     assert merged[1]["spearman"] == pytest.approx(_rank_correlation_oracle([4, 3, 2, 1], scores[1:]))
     assert by_name["nmi"]["label_free"] is False and by_name["nmi"]["epochs"][0]["spearman"] is None
     assert "mutual_cross_camera" in proc.stdout and "+1.00" in proc.stdout
+    assert [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("association.merged")] == ["5"]
 
 
 def test_signals_refuses_unscored_runs_in_one_line(tmp_path):
