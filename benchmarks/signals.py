@@ -26,6 +26,8 @@ from typing import Dict, List, Optional
 
 from scipy.stats import spearmanr
 
+from isereid.utils import atomic_write_text
+
 # (name in the record's "cluster" dict, or a dotted path inside it; needs labels?)
 SIGNALS = [
     ("mutual_cross_camera", False),
@@ -75,15 +77,15 @@ def correlate(runs: Dict[str, List[dict]], score: str) -> dict:
         if not records or records[-1].get(score) is None:
             raise SignalsError(f"{name}: its last record has no {score!r}; was the run evaluated at its end?")
         scores[name] = float(records[-1][score])
+    by_epoch = {name: {int(r["epoch"]): r for r in records if "epoch" in r} for name, records in runs.items()}
+    epochs = sorted({epoch for records in by_epoch.values() for epoch in records})
     signals = []
-    epochs = sorted({int(r["epoch"]) for records in runs.values() for r in records if "epoch" in r})
     for signal, needs_labels in SIGNALS:
         rows = []
         for epoch in epochs:
             pairs = []
-            for name, records in runs.items():
-                record = next((r for r in records if r.get("epoch") == epoch), None)
-                value = None if record is None else signal_value(record, signal)
+            for name, records in by_epoch.items():
+                value = signal_value(records[epoch], signal) if epoch in records else None
                 if value is not None:
                     pairs.append((value, scores[name]))
             rho = None
@@ -124,9 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SignalsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.output)  # atomic: a half-written file never replaces a good one
+    atomic_write_text(args.output, json.dumps(result, indent=1) + "\n")
     print(table(result))
     return 0
 

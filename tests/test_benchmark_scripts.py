@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def _rank_correlation_oracle(x: list, y: list) -> float:
 def test_signals_rank_correlates_each_epoch_with_the_last_score(tmp_path):
     """Five runs, two epochs: epoch 1's signal ranks the scores in an arbitrary order, epoch 2's
     exactly; a run without the nested ``association.merged`` drops out of that signal only."""
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     scores = [0.31, 0.42, 0.27, 0.39, 0.35]
     first = [rng.random() for _ in scores]
     folders = []
