@@ -470,3 +470,45 @@ def test_pretrained_download_failure_is_config_error(monkeypatch):
     assert "model.pretrained_path=FILE or model.pretrained=false" in msg and "\n" not in msg
     assert calls and calls[0] == torchvision.models.ResNet50_Weights.IMAGENET1K_V1
     assert socket.getdefaulttimeout() == before
+
+
+# ----------------------------------------------------------------------------- frozen leading blocks
+def test_freeze_blocks_leaves_other_gradients_unchanged_and_keeps_bn_statistics():
+    """Oracle: the same network unfrozen. Freezing base[:n] must not change the gradient of any
+    other parameter, must leave the frozen weights bit-identical after an Adam step, and must keep
+    the frozen blocks' BN running statistics following the data."""
+    torch.manual_seed(0)
+    free = build_model(_cfg(arch="mobilenet_v2", last_stride=2))
+    frozen = build_model(_cfg(arch="mobilenet_v2", last_stride=2, freeze_blocks=4))
+    frozen.load_state_dict(free.state_dict())
+    x = torch.randn(6, 3, 64, 32)
+    for m in (free, frozen):
+        m.train()
+        m(x).pow(3).sum().backward()
+    names = dict(frozen.named_parameters())
+    frozen_names = {n for n in names if n.startswith(tuple(f"base.{i}." for i in range(4)))}
+    assert frozen_names and all(not names[n].requires_grad and names[n].grad is None for n in frozen_names)
+    ids = {id(p) for p in trainable_parameters(frozen)}
+    assert all(id(names[n]) not in ids for n in frozen_names)
+    assert len(ids) == len(trainable_parameters(free)) - len(frozen_names)
+    for n, p in free.named_parameters():
+        if n in frozen_names or not p.requires_grad:
+            continue
+        torch.testing.assert_close(names[n].grad, p.grad, rtol=1e-5, atol=1e-6)
+    before = {n: names[n].detach().clone() for n in frozen_names}
+    stats = frozen.base[1].conv[0][1].running_mean.clone()
+    opt = torch.optim.Adam(trainable_parameters(frozen), lr=0.1)
+    opt.step()
+    frozen(torch.randn(6, 3, 64, 32))
+    assert all(torch.equal(before[n], names[n]) for n in frozen_names)
+    assert not torch.equal(stats, frozen.base[1].conv[0][1].running_mean)
+    assert not torch.equal(names["base.4.conv.0.0.weight"], free.state_dict()["base.4.conv.0.0.weight"])
+
+
+def test_freeze_blocks_zero_trains_everything_and_out_of_range_is_a_config_error():
+    model = build_model(_cfg(freeze_blocks=0))
+    assert len(trainable_parameters(model)) == sum(1 for _ in model.parameters()) - 1  # feat_bn.bias
+    with pytest.raises(ConfigError, match=r"model.freeze_blocks must be between 0 and 7 .*got 8"):
+        build_model(_cfg(freeze_blocks=8))
+    with pytest.raises(ConfigError, match="model.freeze_blocks"):
+        build_model(_cfg(freeze_blocks=-1))

@@ -22,7 +22,8 @@ from isereid.data.datasets import ReidDataset, Sample, build_dataset
 from isereid.distributed import DistContext
 from isereid.engine.records import EpochRecord
 from isereid.engine.trainer import Trainer, jaccard_clusterer
-from isereid.errors import ConfigError
+from isereid.errors import CheckpointError, ConfigError
+from isereid.models import trainable_parameters
 
 TINY = ["optim.epochs=2", "optim.iters=2", "eval.every=2", "data.workers=0", "train.progress=false",
         "train.tensorboard=false", "data.batch_size=32", "model.bn_chunk=16", "data.height=32", "data.width=16",
@@ -384,3 +385,23 @@ def test_a_camera_with_one_training_image_trains_camera_aware(tiny_demo, tmp_pat
     history = trainer.run()
     assert [r.epoch for r in history] == [1, 2]
     assert all(np.isfinite(r.loss) for r in history)
+
+
+def test_frozen_leading_blocks_keep_their_weights_through_training_and_resume(tiny_demo, tmp_path):
+    out = tmp_path / "run"
+    trainer = _trainer(tiny_demo, out, "model.freeze_blocks=5")  # ResNet: conv1, bn1, relu, maxpool, layer1
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    end = trainer.model.state_dict()
+    for key in ("base.0.weight", "base.1.weight", "base.4.0.conv1.weight"):
+        assert torch.equal(start[key], end[key]), key
+    assert not torch.equal(start["base.5.0.conv1.weight"], end["base.5.0.conv1.weight"])
+    assert not torch.equal(start["base.1.running_mean"], end["base.1.running_mean"])  # statistics still follow
+    # The same setting resumes with the optimizer over the same parameter list; another is refused.
+    again = _trainer(tiny_demo, out, "model.freeze_blocks=5")
+    again.resume()
+    assert again.start_epoch == 2
+    assert len(again.optimizer.state_dict()["param_groups"][0]["params"]) == len(trainable_parameters(again.model))
+    assert torch.equal(again.model.state_dict()["base.0.weight"], start["base.0.weight"])
+    with pytest.raises(CheckpointError, match=r"model.freeze_blocks"):
+        _trainer(tiny_demo, out, "model.freeze_blocks=4").resume()

@@ -74,6 +74,11 @@ class ModelConfig:
     # bn_mode=camera: images per camera whose statistics normalise that camera's rows at extraction.
     camera_bn_images: int = 512
     channels_last: bool = False
+    # Leading children of the trunk whose weights stay at their pretrained values (their BatchNorm
+    # statistics still follow the data): the backward pass then stops before the high-resolution
+    # layers, where a CPU step spends much of its time. MobileNetV2: child 0 is the stem, 1-17 the
+    # inverted residuals; ResNets: conv1, bn1, relu, maxpool, layer1..layer4. 0 trains everything.
+    freeze_blocks: int = 0
 
 
 @dataclass

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from .backbones import build_backbone
 from .batchnorm import convert_batchnorm
 from .pooling import build_pooling
@@ -40,12 +41,28 @@ class ReidNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> ReidNet:
-    """Backbone (pretrained per ``cfg``), pooling, feat_bn, then the BN flavour ``cfg.bn_mode``."""
+    """Backbone (pretrained per ``cfg``), pooling, feat_bn, the BN flavour ``cfg.bn_mode``, then the
+    first ``cfg.freeze_blocks`` trunk children frozen."""
     base, num_features = build_backbone(cfg.arch, cfg.pretrained, cfg.pretrained_path, cfg.last_stride)
-    model = ReidNet(base, num_features, cfg.pooling)
-    return convert_batchnorm(model, cfg.bn_mode, cfg.bn_chunk)
+    model = convert_batchnorm(ReidNet(base, num_features, cfg.pooling), cfg.bn_mode, cfg.bn_chunk)
+    freeze_leading(model.base, cfg.freeze_blocks)
+    return model
+
+
+def freeze_leading(base: nn.Sequential, n: int) -> None:
+    """Stop the weights of ``base[:n]`` from training (``requires_grad`` off).
+
+    Their BatchNorm layers stay in train mode, so running (and camera-BN) statistics still adapt.
+    Nothing before them needs a gradient either, so autograd skips the backward through them."""
+    if not 0 <= n < len(base):
+        raise ConfigError(f"model.freeze_blocks must be between 0 and {len(base) - 1} for this trunk "
+                          f"({len(base)} children; got {n})")
+    for child in list(base)[:n]:
+        for p in child.parameters():
+            p.requires_grad_(False)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the optimizer updates (``feat_bn.bias`` is excluded: it stays 0)."""
+    """The parameters the optimizer updates (``feat_bn.bias`` is excluded: it stays 0; so are the
+    trunk children frozen by ``model.freeze_blocks``)."""
     return [p for p in model.parameters() if p.requires_grad]
