@@ -175,10 +175,11 @@ VARIANTS = {
     "preset_no_ise": ["ise.pil=false", "ise.lp=false"],
     # Twice the learning rate: the preset's rate is constant over its 10 short epochs and both the
     # unsupervised and the supervised curves still rise at the last one. The cpu preset's rate since the
-    # twenty-first round (docs/benchmarks.md), so on cpu this now runs `preset`.
+    # twenty-first round and the demo preset's since the twenty-third (docs/benchmarks.md), so on both it
+    # now runs `preset`.
     "preset_lr_2x": ["optim.lr=7e-4"],
-    # The reference's rate, the cpu preset's until the twenty-first round: reproduces the rows measured
-    # before it on cpu (on demo, whose rate did not change, it is `preset`), and that preset's ceiling.
+    # The reference's rate, the cpu preset's until the twenty-first round and the demo preset's until the
+    # twenty-third: reproduces the rows measured before those rounds, and the cpu preset's ceiling then.
     "preset_reference_lr": ["optim.lr=3.5e-4"],
     "supervised_reference_lr": ["train.supervised=true", "optim.lr=3.5e-4"],
     # Pseudo-labels from an exponential moving average of the weights (decay 0.99: about the last 100
