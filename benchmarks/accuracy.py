@@ -179,9 +179,19 @@ VARIANTS = {
     # now runs `preset`.
     "preset_lr_2x": ["optim.lr=7e-4"],
     # The reference's rate, the cpu preset's until the twenty-first round and the demo preset's until the
-    # twenty-third: reproduces the rows measured before those rounds, and the cpu preset's ceiling then.
-    "preset_reference_lr": ["optim.lr=3.5e-4"],
-    "supervised_reference_lr": ["train.supervised=true", "optim.lr=3.5e-4"],
+    # twenty-third: reproduces the rows measured before those rounds, and the cpu preset's ceiling then
+    # (with the online weight of that time, 1; the demo preset's still).
+    "preset_reference_lr": ["optim.lr=3.5e-4", "memory.camera_online_weight=1"],
+    "supervised_reference_lr": ["train.supervised=true", "optim.lr=3.5e-4", "memory.camera_online_weight=1"],
+    # The online association's positive at twice the weight of a cluster's own proxies: pulls a cluster
+    # that lacks a camera towards its most similar proxy there harder, without touching the labels. The cpu
+    # preset's since the twenty-fifth round (there it runs `preset`); weight 1 reproduces the cpu preset
+    # as shipped before it (the sixteenth session's test-split rows).
+    "preset_online_w2": ["memory.camera_online_weight=2"],
+    "preset_online_w1": ["memory.camera_online_weight=1"],
+    # DBSCAN's core size 3 instead of the reference's 4: fewer outliers on a set with ~5 images of a
+    # person per camera (twenty-fifth round, not kept).
+    "preset_min_samples_3": ["cluster.min_samples=3"],
     # Pseudo-labels from an exponential moving average of the weights (decay 0.99: about the last 100
     # of an epoch's 155 steps), so that one noisy step moves an epoch's clusters less.
     "preset_ema": ["cluster.ema=0.99"],
