@@ -180,13 +180,14 @@ VARIANTS = {
     "preset_lr_2x": ["optim.lr=7e-4"],
     # The reference's rate, the cpu preset's until the twenty-first round and the demo preset's until the
     # twenty-third: reproduces the rows measured before those rounds, and the cpu preset's ceiling then
-    # (with the online weight of that time, 1; the demo preset's still).
+    # (pinned to the online weight of that time, 1, which both presets ship again, so the rows stay
+    # reproducible if a preset's weight changes).
     "preset_reference_lr": ["optim.lr=3.5e-4", "memory.camera_online_weight=1"],
     "supervised_reference_lr": ["train.supervised=true", "optim.lr=3.5e-4", "memory.camera_online_weight=1"],
     # The online association's positive at twice the weight of a cluster's own proxies: pulls a cluster
     # that lacks a camera towards its most similar proxy there harder, without touching the labels. The cpu
-    # preset's since the twenty-fifth round (there it runs `preset`); weight 1 reproduces the cpu preset
-    # as shipped before it (the sixteenth session's test-split rows).
+    # preset's from the twenty-fifth to the twenty-seventh round, then taken out (weight 1 again, so there
+    # `preset_online_w1` runs the same as `preset`; it keeps the name the docs cite for weight-1 rows).
     "preset_online_w2": ["memory.camera_online_weight=2"],
     "preset_online_w1": ["memory.camera_online_weight=1"],
     # DBSCAN's core size 3 instead of the reference's 4: fewer outliers on a set with ~5 images of a
