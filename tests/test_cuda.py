@@ -19,15 +19,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isereid.clustering import exact_knn, jaccard_dbscan, jaccard_distance
+from isereid.camera_memory import CameraProxyMemory
+from isereid.clustering import PseudoLabelSettings, exact_knn, jaccard_dbscan, jaccard_distance, pseudo_labels
 from isereid.config import ISEConfig, MemoryConfig, ModelConfig
-from isereid.engine.step import ise_losses
-from isereid.evaluation import evaluate_ranking
+from isereid.distributed import DistContext
+from isereid.engine.step import StepParts, ise_losses, train_step
+from isereid.evaluation import evaluate_ranking, re_ranking
 from isereid.evaluation.ranking import pairwise_distance
 from isereid.ise import support_samples
 from isereid.losses import label_preserving_loss
 from isereid.memory import ClusterMemory
 from isereid.models import GhostBatchNorm1d, GhostBatchNorm2d, build_model
+from isereid.models.camera_bn import camera_statistics, use_camera_statistics
 
 DEVICE = os.environ.get("ISEREID_CUDA_TEST_DEVICE", "cuda")
 RUNS = (("ref", "cpu"), ("dev", DEVICE))  # (result key, device): the CPU reference, then the device
@@ -228,6 +231,146 @@ def test_ise_losses_step():
     for a, b in zip(out["dev"], out["ref"]):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
     assert float(out["ref"][2]) > 0  # the LP term is really there
+
+
+# ----------------------------------------------------------------------------- camera-aware parts
+# What the cpu preset trains with (docs/camera_aware.md): (cluster, camera) proxies with the online
+# association, supports towards the own camera's clusters, camera-based BatchNorm, the camera steps
+# of the pseudo-labels and re-ranked evaluation.
+@pytest.mark.parametrize("online", [0, 2])
+def test_camera_proxy_memory_losses_and_update(online):
+    feats = unit(48, 32, seed=21)
+    labels = torch.arange(12).repeat_interleave(4)
+    # clusters 0-5 seen by cameras 0 and 1, clusters 6-11 by cameras 0 and 2: every row has a camera
+    # its cluster lacks, so the online association has candidates
+    cams = torch.tensor([0, 0, 1, 1] * 6 + [0, 2, 0, 2] * 6)
+    source = unit(48, 32, seed=22)  # the proxies come from other rows than the batch
+    out = {}
+    for key, d in RUNS:
+        memory = CameraProxyMemory.from_features(on(source, d), on(labels, d), on(cams, d), temperature=0.07,
+                                                 momentum=0.2, hard_negatives=5)
+        f = on(feats, d).requires_grad_()
+        intra = memory.intra_loss(f, on(labels, d), on(cams, d))
+        inter = memory.inter_loss(f, on(labels, d), on(cams, d), online=online, online_weight=0.5)
+        (2 * intra + inter).backward()
+        memory.update(f.detach(), on(labels, d), on(cams, d))
+        out[key] = [back(intra), back(inter), back(f.grad), back(memory.proxies)]
+    for a, b, what in zip(out["dev"], out["ref"], ("intra", "inter", "grad", "proxies")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
+    if online:  # the associated proxies really enter the loss
+        plain = CameraProxyMemory.from_features(source, labels, cams, temperature=0.07, momentum=0.2, hard_negatives=5)
+        assert abs(float(plain.inter_loss(feats, labels, cams)) - float(out["ref"][1])) > 1e-3
+
+
+def _camera_parts(model, centroids, proxies_source, labels, cams, device):
+    """StepParts of a camera-aware iteration (as the cpu preset) on ``device``, SGD without momentum."""
+    net = copy.deepcopy(model).to(device).train()
+    memory_cfg = MemoryConfig(cluster_weight=0.25, camera_aware=True, camera_intra_weight=2.0, camera_inter_weight=1.0,
+                              camera_online=1, camera_online_weight=1.0)
+    camera_memory = CameraProxyMemory.from_features(on(proxies_source, device), on(labels, device), on(cams, device),
+                                                    hard_negatives=8)
+    cluster_cameras = torch.zeros(centroids.shape[0], int(cams.max()) + 1, dtype=torch.bool)
+    cluster_cameras[labels, cams] = True
+    return StepParts(net=net, model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05),
+                     scaler=torch.amp.GradScaler(torch.device(device).type, enabled=False),
+                     memory=ClusterMemory(on(centroids, device), temperature=0.05, momentum=0.2, mode="hard"),
+                     ise=ISEConfig(foreign="same_camera"), memory_cfg=memory_cfg, ctx=DistContext(device=torch.device(device)),
+                     camera_memory=camera_memory, cluster_cameras=on(cluster_cameras, device), camera_bn=True)
+
+
+def test_camera_aware_train_step_with_camera_bn():
+    """One whole iteration of the cpu preset's kind: camera-BN MobileNetV2, ISE with same-camera
+    supports, cluster memory at a quarter, intra/inter proxy terms with the online association."""
+    torch.manual_seed(23)
+    model = build_model(ModelConfig(arch="mobilenet_v2", pretrained=False, bn_mode="camera"))
+    g = gen(24)
+    images = torch.randn(16, 3, 64, 32, generator=g)
+    labels = torch.arange(4).repeat_interleave(4)  # 4 clusters in the batch, of 6
+    cams = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1, 0])  # rows of both cameras interleaved
+    dim = model.num_features
+    centroids = unit(6, dim, seed=25)
+    proxy_labels = torch.arange(6).repeat_interleave(2)
+    proxy_cams = torch.tensor([0, 1] * 4 + [0, 0, 1, 1])
+    source = unit(12, dim, seed=26)
+    results = {}
+    for key, d in RUNS:
+        parts = _camera_parts(model, centroids, source, proxy_labels, proxy_cams, d)
+        values = train_step(parts, on(images, d), on(labels, d), on(cams, d), weight=0.2)
+        grads = {n: back(p.grad) for n, p in parts.net.named_parameters() if p.grad is not None}
+        results[key] = (values, grads, back(parts.memory.centroids), back(parts.camera_memory.proxies),
+                        {n: back(b) for n, b in parts.net.named_buffers() if b.is_floating_point()})
+    values_dev, grads_dev, centroids_dev, proxies_dev, buffers_dev = results["dev"]
+    values_cpu, grads_cpu, centroids_cpu, proxies_cpu, buffers_cpu = results["ref"]
+    assert values_dev.keys() == values_cpu.keys() >= {"loss_intra", "loss_inter", "loss_lp"}
+    for name in values_cpu:
+        assert values_dev[name] == pytest.approx(values_cpu[name], rel=1e-4, abs=1e-6), name
+    assert values_cpu["loss_lp"] > 0 and values_cpu["loss_inter"] > 0
+    assert grads_dev.keys() == grads_cpu.keys() and len(grads_cpu) > 100
+    for name in grads_cpu:
+        assert_rel_close(grads_dev[name], grads_cpu[name], 2e-3, name)
+    assert_rel_close(centroids_dev, centroids_cpu, 1e-5, "centroids")
+    assert_rel_close(proxies_dev, proxies_cpu, 1e-5, "proxies")
+    for name in buffers_cpu:  # running statistics, updated by each camera group in turn
+        assert_rel_close(buffers_dev[name], buffers_cpu[name], 1e-4, name)
+
+
+def test_camera_bn_statistics_and_extraction():
+    torch.manual_seed(27)
+    model = build_model(ModelConfig(arch="mobilenet_v2", pretrained=False, bn_mode="camera")).eval()
+    g = gen(28)
+    batches = [torch.randn(6, 3, 64, 32, generator=g) * 0.5 + 0.2, torch.randn(5, 3, 64, 32, generator=g) * 0.5 + 0.2]
+    probe = torch.randn(4, 3, 64, 32, generator=g)
+    out = {}
+    for key, d in RUNS:
+        net = copy.deepcopy(model).to(d).eval()
+        stats = camera_statistics(net, [on(b, d) for b in batches])
+        with torch.no_grad(), use_camera_statistics(net, stats):
+            feats = net(on(probe, d))
+        with torch.no_grad():
+            running = net(on(probe, d))
+        out[key] = ([back(m) for m, _ in stats], [back(v) for _, v in stats], back(feats), back(running))
+    means_dev, vars_dev, feats_dev, running_dev = out["dev"]
+    means_cpu, vars_cpu, feats_cpu, running_cpu = out["ref"]
+    assert len(means_cpu) == len(means_dev) > 30
+    for i, (a, b) in enumerate(zip(means_dev, means_cpu)):
+        assert_rel_close(a, b, 1e-4, f"mean {i}")
+    for i, (a, b) in enumerate(zip(vars_dev, vars_cpu)):
+        assert_rel_close(a, b, 1e-4, f"var {i}")
+    torch.testing.assert_close(feats_dev, feats_cpu, rtol=0, atol=1e-4)
+    torch.testing.assert_close(running_dev, running_cpu, rtol=0, atol=1e-4)
+    assert float((feats_cpu - running_cpu).abs().max()) > 1e-3  # the camera's statistics were used
+
+
+def test_camera_aware_pseudo_labels():
+    """Camera normalisation, the radius chosen from the features and the association, on features
+    handed over on the device: the same labels and the same merges as on the CPU."""
+    g = gen(29)
+    people, dim = 30, 48
+    base = torch.randn(people, dim, generator=g)
+    view = torch.randn(people, 2, dim, generator=g) * 0.35  # each person's look in each camera
+    offset = torch.randn(2, dim, generator=g) * 1.5  # a per-camera cast: no merge at all without the norm
+    pid = torch.arange(people).repeat_interleave(8)
+    cam = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]).repeat(people)
+    rows = base[pid] + view[pid, cam] + offset[cam] + torch.randn(pid.numel(), dim, generator=g) * 0.15
+    feats = F.normalize(rows, dim=1)
+    settings = PseudoLabelSettings(eps="auto", k1=6, k2=3, min_samples=2, camera_norm=True, associate=True)
+    out = {key: pseudo_labels(on(feats, d), cam.numpy(), settings) for key, d in RUNS}
+    np.testing.assert_array_equal(np.asarray(out["dev"].labels), np.asarray(out["ref"].labels))
+    assert out["dev"].association == out["ref"].association
+    labels = np.asarray(out["ref"].labels)
+    spanning = {c for c in np.unique(labels[labels >= 0]) if len(set(cam.numpy()[labels == c])) == 2}
+    assert len(spanning) >= 5  # the association merged across the cameras
+
+
+def test_re_ranking_on_device_features():
+    # exact distances with many ties: the neighbour lists must break them the same way on both devices
+    qf, gf = quantised(40, 8, seed=30, levels=2), quantised(200, 8, seed=31, levels=2)
+    ref = re_ranking(qf, gf, k1=20, k2=6, lambda_value=0.3)
+    dev = re_ranking(qf.to(DEVICE), gf.to(DEVICE), k1=20, k2=6, lambda_value=0.3)
+    assert ref.shape == dev.shape == (40, 200)
+    np.testing.assert_allclose(dev, ref, rtol=1e-5, atol=1e-5)
+    plain = pairwise_distance(qf, gf).numpy()
+    assert np.abs(ref - plain).max() > 1e-2  # re-ranking really changed the distances
 
 
 # ----------------------------------------------------------------------------- ghost batch norm
