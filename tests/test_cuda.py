@@ -274,7 +274,8 @@ def _camera_parts(model, centroids, proxies_source, labels, cams, device):
     return StepParts(net=net, model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.05),
                      scaler=torch.amp.GradScaler(torch.device(device).type, enabled=False),
                      memory=ClusterMemory(on(centroids, device), temperature=0.05, momentum=0.2, mode="hard"),
-                     ise=ISEConfig(foreign="same_camera"), memory_cfg=memory_cfg, ctx=DistContext(device=torch.device(device)),
+                     ise=ISEConfig(foreign="same_camera"), memory_cfg=memory_cfg,
+                     ctx=DistContext(device=torch.device(device)),
                      camera_memory=camera_memory, cluster_cameras=on(cluster_cameras, device), camera_bn=True)
 
 
