@@ -140,6 +140,16 @@ def test_preset_name_wins_over_same_named_folder(tmp_path, monkeypatch):
     assert load_config("demo").name == "demo"
 
 
+def test_cpu_preset_ships_the_measured_schedule():
+    # Twice the reference's rate (twenty-first round) and a tenth of it for the last two of ten epochs
+    # (thirty-third round; docs/benchmarks.md): the values the README's CUHK03 rows were measured with.
+    c = load_config("cpu").optim
+    assert (c.lr, c.epochs, c.iters, c.step_size, c.gamma) == (7e-4, 10, 155, 8, 0.1)
+    # The demo preset's seven epochs never reach its step: a constant rate.
+    d = load_config("demo").optim
+    assert d.step_size > d.epochs
+
+
 @pytest.mark.parametrize("override, key", [
     ("ise.foreign=nearest", "ise.foreign"),
     ("memory.cluster_weight=-1", "memory.cluster_weight"),
