@@ -193,6 +193,11 @@ VARIANTS = {
     "supervised_step8": ["train.supervised=true", "optim.step_size=8"],
     "preset_constant_lr": ["optim.step_size=20"],
     "supervised_constant_lr": ["train.supervised=true", "optim.step_size=20"],
+    # The same shape on the demo preset's seven epochs (the last two at a tenth): lost on every seed of three
+    # demo sets (thirty-fifth round), not kept. Three epochs at a tenth on the cpu preset: the thirty-sixth
+    # round's screen.
+    "preset_step5": ["optim.step_size=5"],
+    "preset_step7": ["optim.step_size=7"],
     # The online association's positive at twice the weight of a cluster's own proxies: pulls a cluster
     # that lacks a camera towards its most similar proxy there harder, without touching the labels. The cpu
     # preset's from the twenty-fifth to the twenty-seventh round, then taken out (weight 1 again, so there
