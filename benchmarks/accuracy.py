@@ -198,6 +198,9 @@ VARIANTS = {
     # round's screen.
     "preset_step5": ["optim.step_size=5"],
     "preset_step7": ["optim.step_size=7"],
+    # A tenth of the colour cue kept in every clustering after its fade (cluster.colour_floor): the
+    # thirty-seventh round's screen.
+    "preset_colour_floor": ["cluster.colour_floor=0.1"],
     # The online association's positive at twice the weight of a cluster's own proxies: pulls a cluster
     # that lacks a camera towards its most similar proxy there harder, without touching the labels. The cpu
     # preset's from the twenty-fifth to the twenty-seventh round, then taken out (weight 1 again, so there

@@ -143,9 +143,27 @@ def test_clusterer_fades_the_cue_and_reads_the_colours_once():
     assert jaccard_clusterer(cfg)(f, cams, 2) is not None  # faded out: no colours needed
 
 
+def test_the_floor_keeps_a_share_of_the_cue_in_every_epoch():
+    cfg = load_config("demo", ["cluster.colour_weight=0.5", "cluster.colour_epochs=2", "cluster.colour_floor=0.1",
+                               "cluster.camera_norm=false", "cluster.associate=false", "cluster.eps=0.6",
+                               "cluster.k1=6", "cluster.k2=2"]).cluster
+    assert [colour_weight(cfg, e) for e in range(5)] == [0.5, 0.25, 0.1, 0.1, 0.1]
+    floor_only = load_config("demo", ["cluster.colour_weight=0", "cluster.colour_floor=0.2"]).cluster
+    assert [colour_weight(floor_only, e) for e in range(3)] == [0.2, 0.2, 0.2]
+    f, c, cams, _ = camera_split_people()
+    cluster = jaccard_clusterer(cfg, lambda: c)
+    settings = PseudoLabelSettings(eps=0.6, k1=6, k2=2, colour_weight=0.1)
+    np.testing.assert_array_equal(cluster(f, cams, 7), pseudo_labels(f, cams, settings, c).labels)
+    assert cluster.scale == {"eps": 0.6, "colour_weight": 0.1}
+    with pytest.raises(ConfigError, match="colour_floor 0.2"):  # the floor alone needs the colours too
+        jaccard_clusterer(floor_only)(f, cams, 5)
+
+
 @pytest.mark.parametrize("override,match", [("cluster.colour_weight=1.5", "colour_weight"),
                                             ("cluster.colour_weight=-0.1", "colour_weight"),
-                                            ("cluster.colour_epochs=0", "colour_epochs")])
+                                            ("cluster.colour_epochs=0", "colour_epochs"),
+                                            ("cluster.colour_floor=1.5", "colour_floor"),
+                                            ("cluster.colour_floor=-0.1", "colour_floor")])
 def test_config_rejects_bad_colour_settings(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("demo", [override])
@@ -165,13 +183,15 @@ def test_trainer_colour_rows_are_the_training_images_histograms(tmp_path, cache)
     assert Path(tmp_path / "run").exists() is False  # reading colours writes nothing
 
 
-def test_a_run_records_the_faded_weight_per_epoch(tmp_path):
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+def test_a_run_records_the_faded_weight_per_epoch(tmp_path, floor):
     root = tmp_path / "demo"
     assert main(["demo-data", str(root), "--identities", "24", "--cameras", "3", "--seed", "2"]) == 0
     out = tmp_path / "run"
     assert main(["train", "--config", "demo", "--data-root", str(root), "--output", str(out), "optim.epochs=3",
                  "optim.iters=2", "eval.every=0", "data.workers=0", "train.progress=false", "train.tensorboard=false",
                  "data.batch_size=32", "model.bn_chunk=16", "data.height=32", "data.width=16", "data.pad=2",
-                 "cluster.eps=0.5", "cluster.colour_weight=0.4", "cluster.colour_epochs=2"]) == 0
+                 "cluster.eps=0.5", "cluster.colour_weight=0.4", "cluster.colour_epochs=2",
+                 f"cluster.colour_floor={floor}"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["cluster"]["colour_weight"] for r in records] == [0.4, 0.2, 0.0]
+    assert [r["cluster"]["colour_weight"] for r in records] == [0.4, 0.2, floor]

@@ -117,6 +117,9 @@ class ClusterConfig:
     # at epoch colour_epochs (0-based): epoch e uses colour_weight * max(0, 1 - e / colour_epochs).
     colour_weight: float = 0.0
     colour_epochs: int = 2
+    # The weight never falls below colour_floor: epoch e uses max(colour_floor, the faded weight), so a
+    # small share of the cue stays in every epoch's clustering (docs/camera_aware.md#colour-floor). 0: off.
+    colour_floor: float = 0.0
     # Cluster on flip-averaged features: each image's and its mirror image's embeddings summed and
     # re-normalised, so a person walking left in one camera and right in another looks alike
     # (docs/camera_aware.md#flip-features). Twice the extraction time of the clustering pass.
@@ -419,6 +422,7 @@ RANGES = {
     "cluster.camera_jaccard_start": (0, None, "an integer >= 0 (the first epoch, 0-based, that uses it)"),
     "cluster.colour_weight": (0.0, 1.0, "a number in [0, 1] (0 = off)"),
     "cluster.colour_epochs": (1, None, "an integer >= 1 (the epoch, 0-based, from which the cue is off)"),
+    "cluster.colour_floor": (0.0, 1.0, "a number in [0, 1] (0 = off)"),
     "memory.camera_online_weight": (0.0, None, "a number >= 0"),
 }
 

@@ -76,8 +76,8 @@ ClusterFn = Callable[[torch.Tensor, np.ndarray, int], np.ndarray]
 
 def colour_weight(cfg: ClusterConfig, epoch: int) -> float:
     """The colour cue's weight in epoch ``epoch`` (0-based): ``colour_weight`` fading linearly to 0
-    at epoch ``colour_epochs``."""
-    return cfg.colour_weight * max(0.0, 1.0 - epoch / cfg.colour_epochs)
+    at epoch ``colour_epochs``, never below ``colour_floor``."""
+    return max(cfg.colour_floor, cfg.colour_weight * max(0.0, 1.0 - epoch / cfg.colour_epochs))
 
 
 def jaccard_clusterer(cfg: ClusterConfig, colour: Optional[Callable[[], torch.Tensor]] = None) -> ClusterFn:
@@ -95,14 +95,14 @@ def jaccard_clusterer(cfg: ClusterConfig, colour: Optional[Callable[[], torch.Te
         chosen = dataclasses.replace(chosen, colour_weight=colour_weight(cfg, epoch))
         if chosen.colour_weight > 0 and not cue:
             if colour is None:
-                raise ConfigError(f"cluster.colour_weight={cfg.colour_weight} needs the training images' colours, "
-                                  "which this clustering function was not given")
+                raise ConfigError(f"cluster.colour_weight={cfg.colour_weight} (colour_floor {cfg.colour_floor}) "
+                                  "needs the training images' colours, which this clustering function was not given")
             cue.append(colour())
         result = cluster_pseudo_labels(features, camids, chosen, cue[0] if chosen.colour_weight > 0 else None)
         cluster.scale = result.record()
         if settings.camera_jaccard:  # the record says which distance this epoch's labels came from
             cluster.scale["camera_jaccard"] = chosen.camera_jaccard
-        if cfg.colour_weight > 0:
+        if cfg.colour_weight > 0 or cfg.colour_floor > 0:
             cluster.scale["colour_weight"] = round(chosen.colour_weight, 6)
         return result.labels
 
