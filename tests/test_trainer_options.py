@@ -21,7 +21,7 @@ from isereid.config import load_config
 from isereid.data.datasets import ReidDataset, Sample, build_dataset
 from isereid.distributed import DistContext
 from isereid.engine.records import EpochRecord
-from isereid.engine.trainer import Trainer, jaccard_clusterer
+from isereid.engine.trainer import Trainer, epoch_memory_config, jaccard_clusterer
 from isereid.errors import CheckpointError, ConfigError
 from isereid.models import trainable_parameters
 
@@ -405,3 +405,24 @@ def test_frozen_leading_blocks_keep_their_weights_through_training_and_resume(ti
     assert torch.equal(again.model.state_dict()["base.0.weight"], start["base.0.weight"])
     with pytest.raises(CheckpointError, match=r"model.freeze_blocks"):
         _trainer(tiny_demo, out, "model.freeze_blocks=4").resume()
+
+
+def test_the_online_association_waits_for_its_first_epoch(tiny_demo, tmp_path):
+    import random
+
+    mem = load_config("demo", ["memory.camera_online=1", "memory.camera_online_start=2"]).memory
+    assert [epoch_memory_config(mem, e).camera_online for e in range(4)] == [0, 0, 1, 1]
+    assert epoch_memory_config(mem, 2) is mem
+    params = {}
+    for name, online, start in (("off", 0, 0), ("waits", 1, 1), ("on", 1, 0)):
+        random.seed(0)
+        trainer = _trainer(tiny_demo, tmp_path / name, "memory.camera_aware=true", "cluster.camera_norm=true",
+                           f"memory.camera_online={online}", f"memory.camera_online_start={start}")
+        trainer.update_pseudo_labels(0)
+        trainer.train_epoch(0)
+        params[name] = [p.detach().clone() for p in trainer.model.parameters()]
+    # Epoch 0 before the start trains exactly as without the online term; with it from epoch 0, it differs.
+    assert all(torch.equal(a, b) for a, b in zip(params["off"], params["waits"]))
+    assert not all(torch.equal(a, b) for a, b in zip(params["off"], params["on"]))
+    with pytest.raises(ConfigError, match="camera_online_start"):
+        load_config("demo", ["memory.camera_online_start=-1"])

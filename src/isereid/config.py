@@ -153,6 +153,10 @@ class MemoryConfig:
     # cluster.associate it never changes the labels, the supports or the sampler.
     camera_online: int = 0
     camera_online_weight: float = 1.0
+    # First epoch (0-based) with the online association; the epochs before it train without it. In the
+    # first epoch a proxy's most similar other-camera proxy is another person nearly always (the ImageNet
+    # features match across cameras at chance), so its positive there is noise (docs/camera_aware.md#online-start).
+    camera_online_start: int = 0
 
 
 @dataclass
@@ -424,6 +428,7 @@ RANGES = {
     "cluster.colour_epochs": (1, None, "an integer >= 1 (the epoch, 0-based, from which the cue is off)"),
     "cluster.colour_floor": (0.0, 1.0, "a number in [0, 1] (0 = off)"),
     "memory.camera_online_weight": (0.0, None, "a number >= 0"),
+    "memory.camera_online_start": (0, None, "an integer >= 0 (the first epoch, 0-based, that uses it)"),
 }
 
 

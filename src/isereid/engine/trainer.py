@@ -41,7 +41,7 @@ from ..clustering import (
 )
 from ..clustering import pseudo_labels as cluster_pseudo_labels
 from ..clustering.colour import hsv_histograms
-from ..config import ClusterConfig, Config, OptimConfig, to_yaml
+from ..config import ClusterConfig, Config, MemoryConfig, OptimConfig, to_yaml
 from ..data.datasets import NO_CAMERAS_HINT, ReidDataset
 from ..data.images import ImageDataset, ResizedImageCache, drop_unreadable, load_resized, name_paths
 from ..data.loader import make_loader
@@ -78,6 +78,14 @@ def colour_weight(cfg: ClusterConfig, epoch: int) -> float:
     """The colour cue's weight in epoch ``epoch`` (0-based): ``colour_weight`` fading linearly to 0
     at epoch ``colour_epochs``, never below ``colour_floor``."""
     return max(cfg.colour_floor, cfg.colour_weight * max(0.0, 1.0 - epoch / cfg.colour_epochs))
+
+
+def epoch_memory_config(cfg: MemoryConfig, epoch: int) -> MemoryConfig:
+    """The memory settings of epoch ``epoch`` (0-based): ``cfg`` itself, or, before
+    ``camera_online_start``, a copy with the online association off."""
+    if cfg.camera_online > 0 and epoch < cfg.camera_online_start:
+        return dataclasses.replace(cfg, camera_online=0)
+    return cfg
 
 
 def jaccard_clusterer(cfg: ClusterConfig, colour: Optional[Callable[[], torch.Tensor]] = None) -> ClusterFn:
@@ -476,7 +484,8 @@ class Trainer:
         loader = self._epoch_loader(epoch)
         parts = StepParts(
             net=self.net, model=self.model, optimizer=self.optimizer, scaler=self.scaler, memory=self.memory,
-            ise=cfg.ise, memory_cfg=cfg.memory, ctx=self.ctx, camera_memory=self.camera_memory,
+            ise=cfg.ise, memory_cfg=epoch_memory_config(cfg.memory, epoch), ctx=self.ctx,
+            camera_memory=self.camera_memory,
             cluster_cameras=self._cluster_cameras() if cfg.ise.foreign == "same_camera" else None,
             amp=self.amp, grad_clip=cfg.train.grad_clip, channels_last=cfg.model.channels_last,
             camera_bn=has_camera_bn(self.model))
