@@ -201,7 +201,8 @@ VARIANTS = {
     # A tenth of the colour cue kept in every clustering after its fade (cluster.colour_floor): the
     # thirty-seventh round's screen, ahead on 2 of 4 development seeds, not kept.
     "preset_colour_floor": ["cluster.colour_floor=0.1"],
-    # The online association off in the first epoch (memory.camera_online_start): the thirty-eighth round's screen.
+    # The online association off in the first epoch (memory.camera_online_start): the thirty-eighth round's screen,
+    # behind on both development seeds that finished, not kept.
     "preset_online_start1": ["memory.camera_online_start=1"],
     # The online association's positive at twice the weight of a cluster's own proxies: pulls a cluster
     # that lacks a camera towards its most similar proxy there harder, without touching the labels. The cpu

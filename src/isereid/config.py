@@ -153,9 +153,8 @@ class MemoryConfig:
     # cluster.associate it never changes the labels, the supports or the sampler.
     camera_online: int = 0
     camera_online_weight: float = 1.0
-    # First epoch (0-based) with the online association; the epochs before it train without it. In the
-    # first epoch a proxy's most similar other-camera proxy is another person nearly always (the ImageNet
-    # features match across cameras at chance), so its positive there is noise (docs/camera_aware.md#online-start).
+    # First epoch (0-based) with the online association; the epochs before it train without it. Starting it
+    # at epoch 1 lost on CUHK03: even wrong first-epoch positives align the cameras (docs/camera_aware.md#online-start).
     camera_online_start: int = 0
 
 
