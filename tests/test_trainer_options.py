@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 from pathlib import Path
 
@@ -408,8 +409,6 @@ def test_frozen_leading_blocks_keep_their_weights_through_training_and_resume(ti
 
 
 def test_the_online_association_waits_for_its_first_epoch(tiny_demo, tmp_path):
-    import random
-
     mem = load_config("demo", ["memory.camera_online=1", "memory.camera_online_start=2"]).memory
     assert [epoch_memory_config(mem, e).camera_online for e in range(4)] == [0, 0, 1, 1]
     assert epoch_memory_config(mem, 2) is mem
