@@ -52,6 +52,7 @@ from isereid.utils import atomic_write_text
 # turns on (the clustering radius stays the preset's).
 _PLAIN = ["memory.camera_aware=false", "memory.camera_online=0", "cluster.camera_norm=false",
           "cluster.associate=false", "cluster.camera_jaccard=false", "ise.foreign=any", "memory.cluster_weight=1.0",
+          "memory.cluster_online=negative",
           "cluster.colour_weight=0", "model.bn_mode=chunk"]
 _CAMERA = ["memory.camera_aware=true", "cluster.camera_norm=true"]
 VARIANTS = {
@@ -210,6 +211,11 @@ VARIANTS = {
     # `preset_online_w1` runs the same as `preset`; it keeps the name the docs cite for weight-1 rows).
     "preset_online_w2": ["memory.camera_online_weight=2"],
     "preset_online_w1": ["memory.camera_online_weight=1"],
+    # The online association in the camera-blind cluster-memory loss too (memory.cluster_online): a row's nearest
+    # cluster seen by none of its cluster's cameras as a second positive, or left out of its softmax (forty-second
+    # round's screens).
+    "preset_cluster_online": ["memory.cluster_online=positive"],
+    "preset_cluster_online_ignore": ["memory.cluster_online=ignore"],
     # DBSCAN's core size 3 instead of the reference's 4: fewer outliers on a set with ~5 images of a
     # person per camera (twenty-fifth round, not kept).
     "preset_min_samples_3": ["cluster.min_samples=3"],

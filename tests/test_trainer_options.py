@@ -75,7 +75,7 @@ def test_camera_options_need_two_cameras(tmp_path):
     dataset = ReidDataset(name="folder", root=root, train=samples, query=[], gallery=[])
     off = ["memory.camera_aware=false", "memory.camera_online=0", "cluster.camera_norm=false"]  # demo turns these on
     for option in ("memory.camera_aware=true", "cluster.camera_norm=true", "cluster.associate=true",
-                   "ise.foreign=same_camera"):
+                   "ise.foreign=same_camera", "memory.cluster_online=ignore"):
         cfg = load_config("demo", [*TINY, *off, option])
         with pytest.raises(ConfigError, match="two or more cameras") as err:
             Trainer.from_config(cfg, dataset, tmp_path / "out", DistContext())
@@ -310,6 +310,35 @@ def test_same_camera_foreign_centroids_reach_the_supports(tiny_demo, tmp_path, m
             row = allowed[b].numpy()
             assert any((row == holds[:, c]).all() for c in np.flatnonzero(holds[y]))
         assert not allowed.all()  # some clusters are excluded
+
+
+def test_cluster_online_gets_each_clusters_cameras_without_changing_the_supports(tiny_demo, tmp_path, monkeypatch):
+    import isereid.engine.step as step
+
+    seen = []
+    real = step.ise_losses
+
+    def spy(features, labels, memory, weight, ise, memory_cfg, allowed=None, cluster_cameras=None):
+        seen.append((memory_cfg.cluster_online, allowed, None if cluster_cameras is None else cluster_cameras.clone()))
+        return real(features, labels, memory, weight, ise, memory_cfg, allowed, cluster_cameras)
+
+    monkeypatch.setattr(step, "ise_losses", spy)
+    trainer = _trainer(tiny_demo, tmp_path / "on", "ise.foreign=any", "memory.cluster_online=positive")
+    trainer.update_pseudo_labels(0)
+    record = trainer.train_epoch(0)
+    assert np.isfinite(record["loss_cc"])
+    keep = trainer.pseudo_labels >= 0
+    holds = torch.zeros(trainer.pseudo_labels.max() + 1, trainer.camids.max() + 1, dtype=torch.bool)
+    holds[trainer.pseudo_labels[keep], trainer.camids[keep]] = True
+    assert len(seen) == 2
+    for mode, allowed, cameras in seen:
+        assert mode == "positive" and allowed is None  # ise.foreign=any: the supports are the reference's
+        assert torch.equal(cameras, holds)
+    seen.clear()
+    off = _trainer(tiny_demo, tmp_path / "off", "ise.foreign=any")
+    off.update_pseudo_labels(0)
+    off.train_epoch(0)
+    assert [cameras for _, _, cameras in seen] == [None, None]
 
 
 def test_cached_images_train_exactly_as_decoded_ones(tiny_demo, tmp_path):

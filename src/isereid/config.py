@@ -28,6 +28,7 @@ from .data.sampler import SAMPLERS
 from .errors import ConfigError, first_line
 from .ise import FOREIGN
 from .losses import NEGATIVES
+from .memory import CLUSTER_ONLINE
 from .memory import MODES as MEMORY_MODES
 from .presets import preset_names
 
@@ -156,6 +157,13 @@ class MemoryConfig:
     # First epoch (0-based) with the online association; the epochs before it train without it. Starting it
     # at epoch 1 lost on CUHK03: even wrong first-epoch positives align the cameras (docs/camera_aware.md#online-start).
     camera_online_start: int = 0
+    # The same idea in the camera-blind cluster-memory loss L_cc (docs/camera_aware.md#cluster-online): a row's
+    # partner is the cluster nearest to it among those seen by none of its own cluster's cameras (detached cosine to
+    # the centroids). negative: the reference (the partner is a negative like any other cluster); ignore: the
+    # partner leaves the row's softmax; positive: a second positive with weight cluster_online_weight. Rows of
+    # clusters that span every camera have none.
+    cluster_online: str = "negative"
+    cluster_online_weight: float = 1.0
 
 
 @dataclass
@@ -246,6 +254,7 @@ CHOICES = {
     "data.sampler": SAMPLERS,
     "cluster.knn_backend": KNN_BACKENDS,
     "memory.mode": MEMORY_MODES,
+    "memory.cluster_online": CLUSTER_ONLINE,
     "ise.lp_negatives": NEGATIVES,
     "ise.foreign": FOREIGN,
     "optim.scheduler": SCHEDULERS,
@@ -371,7 +380,8 @@ def validate(cfg: Config) -> None:
     sim = cfg.cluster.associate_min_similarity
     if sim != "auto" and (not isinstance(sim, (int, float)) or isinstance(sim, bool) or not -1 <= sim <= 1):
         raise ConfigError(f"cluster.associate_min_similarity must be a number in [-1, 1] or 'auto', got {sim!r}")
-    for key in ("memory.cluster_weight", "memory.camera_intra_weight", "memory.camera_inter_weight"):
+    for key in ("memory.cluster_weight", "memory.camera_intra_weight", "memory.camera_inter_weight",
+                "memory.cluster_online_weight"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {_get(cfg, key)}")
     if cfg.memory.camera_hard_negatives < 1:

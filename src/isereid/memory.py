@@ -9,7 +9,7 @@ centroids as they were before the update.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ from torch import nn
 from .errors import InvalidArgument
 
 MODES = ("hard", "ori")
+# memory.cluster_online (docs/camera_aware.md#cluster-online): what a row's cross-camera partner cluster is in L_cc.
+CLUSTER_ONLINE = ("negative", "ignore", "positive")
 
 
 class ClusterMemory(nn.Module):
@@ -139,3 +141,47 @@ class ClusterMemory(nn.Module):
     def extra_repr(self) -> str:
         return (f"clusters={self.num_clusters}, dim={self.centroids.shape[1]}, temperature={self.temperature}, "
                 f"momentum={self.momentum}, mode={self.mode!r}")
+
+
+def disjoint_partners(features: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
+                      cluster_cameras: torch.Tensor) -> torch.Tensor:
+    """Each row's partner cluster (R,) long: the cluster most similar to row r (cosine to its centroid,
+    no gradient) among those whose cameras share none with the cameras of the row's own cluster
+    ``labels[r]``; -1 where no cluster qualifies (the row's cluster spans every camera, or one camera).
+
+    features: (R, D); labels: (R,) in 0..M-1; centroids: (M, D) unit rows; cluster_cameras: (M, C) bool,
+    cluster m holds images of camera c. One person is not two people in one camera, so only a cluster
+    seen by none of the row's cluster's cameras can be that person's other view (the rule of the
+    association, docs/camera_aware.md#association). Memory O(R·M), as the logits.
+    """
+    cams = cluster_cameras.to(device=centroids.device, dtype=centroids.dtype)
+    labels = labels.long().to(centroids.device)
+    disjoint = (cams[labels] @ cams.t()) == 0  # (R, M): no camera in common with the row's cluster
+    q = F.normalize(features.detach().to(centroids.dtype), dim=1)
+    sims = (q @ centroids.t()).masked_fill(~disjoint, float("-inf"))
+    best = sims.max(dim=1)
+    return torch.where(torch.isfinite(best.values), best.indices, torch.full_like(best.indices, -1))
+
+
+def partner_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partners: torch.Tensor,
+                          weight: Optional[float]) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (R, M) against ``labels`` (R,), with a partner column per row
+    (``partners`` (R,), -1 = none, rows without one get the plain cross-entropy).
+
+    ``weight`` None ("ignore"): the partner column leaves the row's softmax, so it is no longer a
+    negative. A number w >= 0 ("positive"): the partner is a second positive,
+    loss_r = -(log p_r[y_r] + w·log p_r[partner_r]) / (1 + w), p_r the softmax over all M columns.
+    """
+    labels = labels.long().to(logits.device)
+    partners = partners.long().to(logits.device)
+    has = partners >= 0
+    if weight is None:
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        rows = torch.nonzero(has).squeeze(1)
+        mask[rows, partners[rows]] = True
+        return F.cross_entropy(logits.masked_fill(mask, float("-inf")), labels)
+    log_p = F.log_softmax(logits, dim=1)
+    own = log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
+    other = log_p.gather(1, partners.clamp(min=0).unsqueeze(1)).squeeze(1)
+    w = has.to(log_p.dtype) * float(weight)
+    return (-(own + w * other) / (1.0 + w)).mean()

@@ -16,7 +16,7 @@ from ..distributed import DistContext, gather_with_grad
 from ..errors import TrainingDiverged
 from ..ise import same_camera_candidates, support_samples
 from ..losses import label_preserving_loss
-from ..memory import ClusterMemory
+from ..memory import ClusterMemory, disjoint_partners, partner_cross_entropy
 from ..models.camera_bn import camera_group_sizes, camera_groups
 
 
@@ -42,11 +42,15 @@ def ise_losses(
     ise: ISEConfig,
     memory_cfg: MemoryConfig,
     allowed: Optional[torch.Tensor] = None,
+    cluster_cameras: Optional[torch.Tensor] = None,
 ) -> StepLosses:
     """L = w_cc·L_cc + w_lp·L_lp for features f (B, D), unit norm, and pseudo-labels y (B,).
 
     w_cc is ``memory.cluster_weight`` (1 in the reference). ``allowed`` (B, M) bool restricts the
     foreign centroids of the supports (``ise.foreign=same_camera``); None: all clusters.
+    ``cluster_cameras`` (M, C) bool: with ``memory.cluster_online`` on, each L_cc row's partner cluster
+    (:func:`isereid.memory.disjoint_partners`) is left out of its softmax or made a second positive
+    (:func:`isereid.memory.partner_cross_entropy`); required then, unused otherwise.
 
     * ``ise.pil``: supports s = normalize(f + weight·(c_nearest − c_own)) join f in the
       contrastive loss (2B rows, labels cat(y, y)) and, with
@@ -66,7 +70,14 @@ def ise_losses(
         cc_labels = torch.cat([labels, support_labels])
     else:
         cc_inputs, cc_labels = features, labels
-    contrastive = memory(cc_inputs, cc_labels)
+    if memory_cfg.cluster_online != "negative":
+        if cluster_cameras is None:
+            raise ValueError("memory.cluster_online needs cluster_cameras, the (M, C) cameras of each cluster")
+        partners = disjoint_partners(cc_inputs, cc_labels, memory.centroids, cluster_cameras)
+        weight_on = None if memory_cfg.cluster_online == "ignore" else memory_cfg.cluster_online_weight
+        contrastive = partner_cross_entropy(memory.logits(cc_inputs), cc_labels, partners, weight_on)
+    else:
+        contrastive = memory(cc_inputs, cc_labels)
     if ise.lp:
         lp = label_preserving_loss(features, supports, labels, temperature=ise.lp_temperature,
                                    negatives=ise.lp_negatives)
@@ -107,7 +118,8 @@ class StepParts:
     net: the (maybe DDP-wrapped) network; model: the bare network (its parameters are clipped);
     memory / camera_memory: read before and written after the step (camera_memory None unless
     camera-aware); cluster_cameras: (M, C) bool, cluster m holds images of camera id c, for
-    ``ise.foreign=same_camera`` (None otherwise); scaler: a GradScaler (disabled on CPU).
+    ``ise.foreign=same_camera`` and ``memory.cluster_online`` (None otherwise); scaler: a GradScaler
+    (disabled on CPU).
     """
 
     net: torch.nn.Module
@@ -159,8 +171,10 @@ def train_step(parts: StepParts, images: torch.Tensor, labels: torch.Tensor, cam
     features = gather_with_grad(local.float(), parts.ctx)
     labels = parts.ctx.all_gather(labels.to(device, non_blocking=True))
     cams = None if camids is None else parts.ctx.all_gather(camids.to(device, non_blocking=True))
-    allowed = None if parts.cluster_cameras is None else same_camera_candidates(cams, parts.cluster_cameras)
-    losses = ise_losses(features, labels, parts.memory, weight, parts.ise, parts.memory_cfg, allowed)
+    allowed = (same_camera_candidates(cams, parts.cluster_cameras)
+               if parts.cluster_cameras is not None and parts.ise.foreign == "same_camera" else None)
+    losses = ise_losses(features, labels, parts.memory, weight, parts.ise, parts.memory_cfg, allowed,
+                        parts.cluster_cameras)
     cam = None
     if parts.camera_memory is not None:
         cam = camera_losses(features, labels, cams, parts.camera_memory, parts.memory_cfg)

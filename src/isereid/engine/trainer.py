@@ -138,7 +138,9 @@ def _camera_switches(cfg: Config) -> list[tuple[str, bool, str, str, bool]]:
             ("cluster.associate", cfg.cluster.associate, "true", "false", True),
             ("cluster.camera_jaccard", cfg.cluster.camera_jaccard, "true", "false", False),
             ("ise.foreign", cfg.ise.foreign == "same_camera", "same_camera", "any", True),
-            ("memory.camera_online", online > 0, str(online) if online > 0 else "1", "0", True)]
+            ("memory.camera_online", online > 0, str(online) if online > 0 else "1", "0", True),
+            ("memory.cluster_online", cfg.memory.cluster_online != "negative", cfg.memory.cluster_online
+             if cfg.memory.cluster_online != "negative" else "positive", "negative", False)]
 
 
 def camera_switches_on(cfg: Config) -> dict[str, str]:
@@ -486,7 +488,8 @@ class Trainer:
             net=self.net, model=self.model, optimizer=self.optimizer, scaler=self.scaler, memory=self.memory,
             ise=cfg.ise, memory_cfg=epoch_memory_config(cfg.memory, epoch), ctx=self.ctx,
             camera_memory=self.camera_memory,
-            cluster_cameras=self._cluster_cameras() if cfg.ise.foreign == "same_camera" else None,
+            cluster_cameras=(self._cluster_cameras()
+                             if cfg.ise.foreign == "same_camera" or cfg.memory.cluster_online != "negative" else None),
             amp=self.amp, grad_clip=cfg.train.grad_clip, channels_last=cfg.model.channels_last,
             camera_bn=has_camera_bn(self.model))
         # Camera id of each row of this epoch's dataset (the loader yields row indices).
