@@ -233,6 +233,26 @@ def test_ise_losses_step():
     assert float(out["ref"][2]) > 0  # the LP term is really there
 
 
+@pytest.mark.parametrize("mode", ["ignore", "positive"])
+def test_ise_losses_with_the_cluster_memory_partner(mode):
+    feats = unit(64, 32, seed=14)
+    labels = torch.arange(8).repeat_interleave(8)
+    centroids = unit(20, 32, seed=15)
+    cameras = torch.zeros(20, 3, dtype=torch.bool)
+    cameras[torch.arange(20), torch.arange(20) % 3] = True
+    cameras[0, 1] = True  # one cluster seen by two cameras
+    out = {}
+    for key, d in RUNS:
+        memory = ClusterMemory(on(centroids, d))
+        f = on(feats, d).requires_grad_()
+        cfg = MemoryConfig(cluster_online=mode, cluster_weight=0.25)
+        step = ise_losses(f, on(labels, d), memory, 0.15, ISEConfig(), cfg, None, on(cameras, d))
+        step.total.backward()
+        out[key] = [step.total.detach(), step.contrastive, f.grad]
+    for a, b in zip(out["dev"], out["ref"]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- camera-aware parts
 # What the cpu preset trains with (docs/camera_aware.md): (cluster, camera) proxies with the online
 # association, supports towards the own camera's clusters, camera-based BatchNorm, the camera steps
