@@ -176,8 +176,8 @@ def check_training_set(cfg: Config, dataset: ReidDataset) -> None:
     if switches and len(cameras) < 2:
         how = dataset.cameras_from.split(" (")[0]
         raise ConfigError(
-            f"{', '.join(switches)} need training images from two or more cameras, but every image of "
-            f"{dataset.name} is camera {min(cameras, default=0)} (cameras: {how}); add "
+            f"{', '.join(switches)} need{'s' if len(switches) == 1 else ''} training images from two or more "
+            f"cameras, but every image of {dataset.name} is camera {min(cameras, default=0)} (cameras: {how}); add "
             f"{' '.join(switches.values())}, or {NO_CAMERAS_HINT}")
     if cfg.train.supervised and not (dataset.train and all(s.pid >= 0 for s in dataset.train)):
         raise ConfigError("train.supervised=true needs identities in the training file names "
