@@ -31,6 +31,7 @@ reports (docs/benchmarks.md, *Choosing without the test split*).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -234,6 +235,28 @@ VARIANTS = {
 }
 
 
+@contextlib.contextmanager
+def split_lock(out: Path):
+    """Hold an exclusive lock on ``out``'s sibling file ``<name>.lock`` for the ``with`` block.
+
+    Two benchmark processes started together on one ``--work-dir`` would otherwise build the same
+    development split at the same time and one would fail on the other's links; with the lock the
+    second waits and then finds the split complete. Advisory ``flock``: POSIX only (elsewhere no
+    lock, so run one process per work dir there)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def holdout_split(train: list, out: Path, fraction: float, seed: int = 0) -> dict:
     """A Market-layout development split of training samples ``train`` (path, pid, camid) in ``out``.
 
@@ -257,6 +280,12 @@ def holdout_split(train: list, out: Path, fraction: float, seed: int = 0) -> dic
                          "choose a fraction that leaves both sides some")
     manifest = {"fraction": fraction, "seed": seed, "held_out_ids": sorted(held),
                 "train_images": len(train)}
+    with split_lock(out):
+        return _write_split(train, out, held, manifest)
+
+
+def _write_split(train: list, out: Path, held: set, manifest: dict) -> dict:
+    """:func:`holdout_split`'s folders and manifest, reused when ``out`` already holds this split."""
     marker = out / "holdout.json"
     if marker.exists():
         stored = json.loads(marker.read_text())

@@ -111,6 +111,39 @@ def test_accuracy_variants_are_valid_and_plain_ise_is_plain(preset):
     assert accuracy.VARIANTS["preset"] == []
 
 
+def test_holdout_split_waits_for_another_process_building_it(tiny_demo, tmp_path):
+    """Two benchmarks started together on one --work-dir built the same split at once and one failed on the
+    other's links (FileExistsError). Now a builder waits while another holds the split's lock (here the
+    test), writes nothing meanwhile, and two waiting builders then build it once and agree."""
+    import threading
+
+    from isereid.data.datasets import build_dataset
+
+    accuracy = _accuracy_module()
+    train = build_dataset("demo", tiny_demo).train
+    out = tmp_path / "runs" / "holdout_split"
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(accuracy.holdout_split(train, out, 0.25, seed=3))
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    workers = [threading.Thread(target=build) for _ in range(2)]
+    with accuracy.split_lock(out):
+        for w in workers:
+            w.start()
+        time.sleep(1.0)
+        assert all(w.is_alive() for w in workers) and not out.exists()  # blocked on the lock, nothing written
+    for w in workers:
+        w.join(timeout=60)
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    linked = sorted(p.name for folder in ("bounding_box_train", "query", "bounding_box_test")
+                    for p in (out / folder).iterdir())
+    assert linked == sorted(Path(s.path).name for s in train)  # every image once
+
+
 def test_holdout_split_holds_out_whole_multi_camera_identities_and_never_reads_the_test_split(tiny_demo, tmp_path):
     """--holdout: every training image lands in exactly one split folder (a link to itself); the held-out
     identities are all seen by two or more cameras and leave the training folder entirely; the query
