@@ -217,6 +217,11 @@ VARIANTS = {
     # round's screens).
     "preset_cluster_online": ["memory.cluster_online=positive"],
     "preset_cluster_online_ignore": ["memory.cluster_online=ignore"],
+    # The uniform average of the weights after every step of the last two epochs (the tenth of the rate,
+    # optim.average_from=8) evaluated in place of the last weights; the network trains exactly as in
+    # `preset`, and the run records the network's own last scores too (unaveraged_mAP): a pairing within one
+    # run (forty-fourth round).
+    "preset_average8": ["optim.average_from=8"],
     # DBSCAN's core size 3 instead of the reference's 4: fewer outliers on a set with ~5 images of a
     # person per camera (twenty-fifth round, not kept).
     "preset_min_samples_3": ["cluster.min_samples=3"],
@@ -372,6 +377,9 @@ def run_one(variant: str, extra: list[str], seed: int, args, overrides: list[str
             "epochs": last["epoch"], "num_clusters": last["num_clusters"],
             "cross_camera_clusters": cluster.get("cross_camera_clusters"),
             "cross_camera_images": cluster.get("cross_camera_images"), "nmi": cluster.get("nmi"),
+            # with optim.average_from, the network's own scores beside the average's (mAP, rank1)
+            "unaveraged_mAP": (last.get("unaveraged") or {}).get("mAP"),
+            "unaveraged_rank1": (last.get("unaveraged") or {}).get("rank1"),
             "curve": [{"epoch": r["epoch"], "mAP": r.get("mAP"), "rank1": r.get("rank1"),
                        "cross_camera_clusters": (r.get("cluster") or {}).get("cross_camera_clusters"),
                        "nmi": (r.get("cluster") or {}).get("nmi"),

@@ -192,6 +192,11 @@ class OptimConfig:
     scheduler: str = "step"
     step_size: int = 30
     gamma: float = 0.1
+    # Evaluate and save a uniform average of the weights after every iteration from the start of epoch
+    # average_from (0-based, as step_size) to the end instead of the last weights; -1: off. Training,
+    # clustering and checkpoint_last.pt's network are unchanged: the average only watches
+    # (docs/method.md#tail-average). The last evaluation also records the network's own scores.
+    average_from: int = -1
 
 
 @dataclass
@@ -438,6 +443,7 @@ RANGES = {
     "cluster.colour_floor": (0.0, 1.0, "a number in [0, 1] (0 = off)"),
     "memory.camera_online_weight": (0.0, None, "a number >= 0"),
     "memory.camera_online_start": (0, None, "an integer >= 0 (the first epoch, 0-based, that uses it)"),
+    "optim.average_from": (-1, None, "-1 (off) or the first epoch, 0-based, whose weights are averaged"),
 }
 
 
@@ -446,6 +452,9 @@ def _validate_ranges(cfg: Config) -> None:
         value = _get(cfg, key)
         if (low is not None and value < low) or (high is not None and value > high):
             raise ConfigError(f"config key {key!r} must be {what}, got {value}")
+    if cfg.optim.average_from >= cfg.optim.epochs:
+        raise ConfigError(f"config key 'optim.average_from' ({cfg.optim.average_from}) must be below optim.epochs "
+                          f"({cfg.optim.epochs}): it is the first epoch, 0-based, whose weights are averaged (-1: off)")
     if not 0.0 <= cfg.cluster.ema < 1.0:
         raise ConfigError(f"config key 'cluster.ema' must be a number in [0, 1) (0 = off), got {cfg.cluster.ema}")
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:

@@ -30,6 +30,9 @@ class EpochRecord:
     rank1: Optional[float] = None
     rank5: Optional[float] = None
     rank10: Optional[float] = None
+    # With optim.average_from, once the average has begun the scores above are the averaged weights' and
+    # these ({"mAP", "rank1", "rank5", "rank10"}) the network's own, from the same run and epoch
+    unaveraged: Optional[dict] = None
     # ClusteringReport.to_dict() of the epoch's pseudo-labels, with "eps" (the radius used) and, under
     # cluster.eps=auto, "scale" (ScaleChoice.to_dict(): the statistic behind it, docs/auto_eps.md) and,
     # under cluster.associate, "association" (Association.summary(): mutual pairs found and merged)

@@ -65,6 +65,9 @@ def progress_line(record: EpochRecord, epochs: int) -> str:
              f"loss {record.loss:.4f}"]
     if record.evaluated:
         parts.append(f"mAP {100 * record.mAP:.1f}%  rank-1 {100 * record.rank1:.1f}%")
+        if record.unaveraged:
+            parts.append(f"(weight average; the network's own {100 * record.unaveraged['mAP']:.1f}% / "
+                         f"{100 * record.unaveraged['rank1']:.1f}%)")
     cluster = record.cluster or {}
     if isinstance(cluster.get("eps"), (int, float)):
         scale = cluster.get("scale") or {}

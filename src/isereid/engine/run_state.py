@@ -3,7 +3,8 @@
     checkpoint_last.pt   everything needed to continue (model, optimizer, scheduler, scaler, memories,
                          pseudo-labels, best score, RNG states, the epoch records, the config)
     metrics.jsonl        one EpochRecord a line, rewritten from the checkpoint's records on resume
-    model_best.pt        the model of the epoch with the best mAP (the latest one without a test split)
+    model_best.pt        the model of the epoch with the best mAP (the latest one without a test split); with
+                         optim.average_from, the averaged weights once the average has begun
     labels/images.npz    the training images in pseudo-label order: paths (absolute), camids (int32)
     train.log            the run's log lines, timestamped (:meth:`RunFolder.log_file`)
     labels/epoch_NNN.npz the pseudo-labels of epoch NNN (1-based): labels (int32, -1 = outlier), and
@@ -88,7 +89,7 @@ class RunFolder:
         ckpt.save(self.last, payload(cfg, state))
         self.write_metrics(state.history)
         if is_best:
-            ckpt.save(self.best, _model_payload(cfg, state.model, state.epoch, state.score))
+            ckpt.save(self.best, _model_payload(cfg, state.evaluated_weights(), state.epoch, state.score))
 
     def write_labels(self, epoch: int, labels: np.ndarray, paths: Sequence[str], camids: np.ndarray,
                      features=None) -> Path:
@@ -171,7 +172,7 @@ class RunFolder:
             except (CheckpointError, AttributeError):
                 current_epoch = None
         if current_epoch != state.best_epoch:
-            ckpt.save(self.best, _model_payload(cfg, state.model, state.epoch, state.score))
+            ckpt.save(self.best, _model_payload(cfg, state.evaluated_weights(), state.epoch, state.score))
 
 
 # ---------------------------------------------------------------------- the checkpoint format
@@ -198,6 +199,8 @@ def payload(cfg: Config, state: TrainingState) -> dict[str, Any]:
     })
     if state.averaged is not None:  # only with cluster.ema: earlier files and runs without it lack the key
         out["averaged_state_dict"] = state.averaged
+    if state.tail_average is not None:  # only with optim.average_from
+        out["tail_average_state_dict"] = state.tail_average
     return out
 
 
@@ -263,6 +266,8 @@ def parse_state(raw: dict, cfg: Config, source: str) -> TrainingState:
         best_epoch=_get(raw, "best_epoch", (int,), source), history=history, rng=rng,
         world_size=int(raw.get("world_size", 1)),
         averaged=_get(raw, "averaged_state_dict", (dict,), source) if "averaged_state_dict" in raw else None,
+        tail_average=(_get(raw, "tail_average_state_dict", (dict,), source)
+                      if "tail_average_state_dict" in raw else None),
         source=source)
 
 

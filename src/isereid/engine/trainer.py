@@ -53,7 +53,7 @@ from ..features import extract_features
 from ..ise import interpolation_weight
 from ..memory import ClusterMemory
 from ..models import build_model, trainable_parameters
-from ..models.averaged import weight_average
+from ..models.averaged import has_updates, tail_average, weight_average
 from ..models.camera_bn import has_camera_bn
 from ..utils import atomic_write_text, failpoint, seed_everything
 from . import checkpoint as ckpt
@@ -228,6 +228,8 @@ class Trainer:
         self.scheduler = scheduler
         # cluster.ema: the weight average whose features the clustering uses (None: the network's own)
         self.averaged = weight_average(model, cfg.cluster.ema) if cfg.cluster.ema > 0 else None
+        # optim.average_from: the uniform average of the last epochs' weights that is evaluated and saved
+        self.tail_average = tail_average(model) if cfg.optim.average_from >= 0 else None
         self.cluster_fn = cluster_fn if cluster_fn is not None else jaccard_clusterer(cfg.cluster, self.colour_cue)
         self.amp = bool(cfg.train.amp)
         if scaler is None:
@@ -509,6 +511,8 @@ class Trainer:
                                       f"is kept in {self.out}")
             if self.averaged is not None:
                 self.averaged.update_parameters(self.model)
+            if self.tail_average is not None and epoch >= cfg.optim.average_from:
+                self.tail_average.update_parameters(self.model)
             failpoint("iteration")
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -521,9 +525,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        evaluation = evaluate_model(self.model, self.dataset, self.cfg, self.device, dist_ctx=self.ctx,
-                                    progress=self.cfg.train.progress)
-        return {k: round(v, 6) for k, v in evaluation.result.to_dict().items()}
+        """The epoch record's scores of the evaluated weights: the network's, or with ``optim.average_from``
+        once the average has begun the average's, and the network's own under ``unaveraged``."""
+        def scores(network: torch.nn.Module) -> dict:
+            evaluation = evaluate_model(network, self.dataset, self.cfg, self.device, dist_ctx=self.ctx,
+                                        progress=self.cfg.train.progress)
+            return {k: round(v, 6) for k, v in evaluation.result.to_dict().items()}
+
+        if self.tail_average is None or not has_updates(self.tail_average):
+            return scores(self.model)
+        own = scores(self.model)
+        # The second evaluation's loaders draw seeds from torch's generator: fork it so that the run trains on
+        # exactly as it would without the average (which only watches)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            averaged = scores(self.tail_average.module)
+        return averaged | {"unaveraged": {k: own[k] for k in ("mAP", "rank1", "rank5", "rank10") if k in own}}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, epoch: int, record: EpochRecord) -> None:
@@ -548,7 +565,8 @@ class Trainer:
             camera_memory=self.camera_memory, pseudo_labels=self.pseudo_labels, best_score=self.best_score,
             best_epoch=self.best_epoch, history=list(self.history), rng=ckpt.rng_state(),
             world_size=self.ctx.world_size,
-            averaged=self.averaged.state_dict() if self.averaged is not None else None)
+            averaged=self.averaged.state_dict() if self.averaged is not None else None,
+            tail_average=self.tail_average.state_dict() if self.tail_average is not None else None)
 
     def resume(self) -> None:
         """Continue from ``checkpoint_last.pt`` when the output folder has one."""
@@ -559,7 +577,7 @@ class Trainer:
         if state is None:
             return
         state.restore(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                      averaged=self.averaged)
+                      averaged=self.averaged, tail_average=self.tail_average)
         self.start_epoch = state.epoch
         self.best_score = state.best_score
         self.best_epoch = state.best_epoch

@@ -17,6 +17,7 @@ from ..camera_memory import CameraProxyMemory
 from ..config import MemoryConfig
 from ..errors import CheckpointError, first_line
 from ..memory import ClusterMemory
+from ..models.averaged import averaged_weights
 from .records import EpochRecord
 
 
@@ -40,7 +41,8 @@ class TrainingState:
     memories of the current pseudo-labels (None before the first clustering, or without camera-aware
     memory). pseudo_labels: (N,) int64, -1 for outliers. history: the records of epochs 1..epoch.
     rng: :func:`isereid.engine.checkpoint.rng_state`. averaged: the ``state_dict()`` of the weight
-    average of ``cluster.ema`` (None without it). source: the file it was read from ("" when built
+    average of ``cluster.ema`` (None without it). tail_average: the ``state_dict()`` of the uniform
+    average of ``optim.average_from`` (None without it). source: the file it was read from ("" when built
     in memory), named by errors while restoring.
     """
 
@@ -59,20 +61,32 @@ class TrainingState:
     rng: dict[str, Any]
     world_size: int = 1
     averaged: Optional[dict[str, torch.Tensor]] = None
+    tail_average: Optional[dict[str, torch.Tensor]] = None
     source: str = field(default="", compare=False)
 
+    def evaluated_weights(self) -> dict[str, torch.Tensor]:
+        """The weights this epoch was evaluated with, what model_best.pt holds: the tail average's once it
+        has averaged a step (``optim.average_from``), else the network's."""
+        if self.tail_average is not None and int(self.tail_average.get("n_averaged", 0)) > 0:
+            return averaged_weights(self.tail_average)
+        return self.model
+
     def restore(self, *, model: torch.nn.Module, optimizer, scheduler, scaler,
-                averaged: Optional[torch.nn.Module] = None) -> None:
-        """Load the four states (five with ``averaged``, the weight average of ``cluster.ema``) into the
-        given parts; CheckpointError naming the file and the part that does not fit (another architecture,
-        another parameter grouping, no weight average saved)."""
+                averaged: Optional[torch.nn.Module] = None, tail_average: Optional[torch.nn.Module] = None) -> None:
+        """Load the four states (and ``averaged``, the weight average of ``cluster.ema``, and ``tail_average``,
+        that of ``optim.average_from``, when given) into the given parts; CheckpointError naming the file and
+        the part that does not fit (another architecture, another parameter grouping, no average saved)."""
         parts = (("state_dict", model, self.model), ("optimizer", optimizer, self.optimizer),
                  ("scheduler", scheduler, self.scheduler), ("scaler", scaler, self.scaler))
-        if averaged is not None:
-            if self.averaged is None:
+        for key, part, state, what in (("averaged_state_dict", averaged, self.averaged, "weight average of cluster.ema"),
+                                       ("tail_average_state_dict", tail_average, self.tail_average,
+                                        "uniform average of optim.average_from")):
+            if part is None:
+                continue
+            if state is None:
                 raise CheckpointError(f"cannot resume from {self.source or 'the checkpoint'}: it holds no "
-                                      "'averaged_state_dict' (the weight average of cluster.ema)")
-            parts += (("averaged_state_dict", averaged, self.averaged),)
+                                      f"{key!r} (the {what})")
+            parts += ((key, part, state),)
         for key, part, state in parts:
             try:
                 part.load_state_dict(state)

@@ -23,3 +23,25 @@ def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel:
     average.requires_grad_(False)
     average.update_parameters(model)  # the first update copies: the average starts at the network
     return average
+
+
+def tail_average(model: torch.nn.Module) -> AveragedModel:
+    """An empty uniform average of ``model``'s parameters (``optim.average_from``, docs/method.md#tail-average):
+    after k calls of ``update_parameters(model)`` its parameters are the mean of the k weights seen
+    (the first call copies). Buffers (BatchNorm running statistics) are not averaged: each call copies the
+    network's. A camera-based BatchNorm network re-estimates its statistics at every extraction anyway;
+    plain BatchNorm uses the network's last running statistics with the averaged weights."""
+    average = AveragedModel(model, use_buffers=False)
+    average.requires_grad_(False)
+    return average
+
+
+def has_updates(average: AveragedModel) -> bool:
+    """Whether ``average`` has seen at least one ``update_parameters`` call."""
+    return int(average.n_averaged) > 0
+
+
+def averaged_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network ``state_dict`` inside an AveragedModel's ``state_dict`` ``state`` (keys ``module.*``;
+    the ``n_averaged`` counter left out): what a model file of the averaged weights holds."""
+    return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
