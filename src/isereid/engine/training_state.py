@@ -78,9 +78,10 @@ class TrainingState:
         the part that does not fit (another architecture, another parameter grouping, no average saved)."""
         parts = (("state_dict", model, self.model), ("optimizer", optimizer, self.optimizer),
                  ("scheduler", scheduler, self.scheduler), ("scaler", scaler, self.scaler))
-        for key, part, state, what in (("averaged_state_dict", averaged, self.averaged, "weight average of cluster.ema"),
-                                       ("tail_average_state_dict", tail_average, self.tail_average,
-                                        "uniform average of optim.average_from")):
+        averages = (("averaged_state_dict", averaged, self.averaged, "weight average of cluster.ema"),
+                    ("tail_average_state_dict", tail_average, self.tail_average,
+                     "uniform average of optim.average_from"))
+        for key, part, state, what in averages:
             if part is None:
                 continue
             if state is None:
