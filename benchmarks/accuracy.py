@@ -222,6 +222,7 @@ VARIANTS = {
     # `preset`, and the run records the network's own last scores too (unaveraged_mAP): a pairing within one
     # run (forty-fourth round).
     "preset_average8": ["optim.average_from=8"],
+    "supervised_average8": ["train.supervised=true", "optim.average_from=8"],
     # DBSCAN's core size 3 instead of the reference's 4: fewer outliers on a set with ~5 images of a
     # person per camera (twenty-fifth round, not kept).
     "preset_min_samples_3": ["cluster.min_samples=3"],
