@@ -92,15 +92,23 @@ def test_accuracy_sigterm_stops_the_training_run_it_waits_for(tmp_path, handler)
 
 @pytest.mark.parametrize("preset", ["cpu", "demo"])
 def test_accuracy_variants_are_valid_and_plain_ise_is_plain(preset):
-    """Every variant's overrides load on both shipped presets, and the plain-ISE rows turn off every
+    """Every variant's overrides load on both shipped presets (those made for one preset's schedule load on it
+    and are refused on the other), and the plain-ISE rows turn off every
     camera switch and the colour cue that a preset ships (a switch added later must join them)."""
     from isereid.config import load_config
     from isereid.engine.trainer import camera_switches_on
+    from isereid.errors import ConfigError
 
     accuracy = _accuracy_module()
     for name, overrides in accuracy.VARIANTS.items():
-        if overrides is not None:
+        if overrides is None:
+            continue
+        if accuracy.ONLY_FOR.get(name, preset) != preset:  # made for another preset's schedule: refused here
+            with pytest.raises(ConfigError):
+                load_config(preset, overrides)
+        else:
             load_config(preset, overrides)
+    assert set(accuracy.ONLY_FOR) <= set(accuracy.VARIANTS)
     shipped = load_config(preset)
     assert camera_switches_on(shipped) and shipped.cluster.colour_weight > 0  # else the check below is empty
     assert shipped.model.bn_mode == "camera"
