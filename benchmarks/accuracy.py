@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import shlex
 import signal
 import statistics
@@ -43,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from isereid.config import load_config
 from isereid.data.datasets import MARKET_SPLITS, build_dataset
@@ -352,6 +354,21 @@ def _run(cmd: list[str], log_path: Path) -> float:
     return time.time() - started
 
 
+def machine() -> dict:
+    """Where a run is made: the same code and seed give the same scores to every digit on one processor and
+    other scores on another (float kernels differ; docs/benchmarks.md, *Forty-fourth round*), so a pairing
+    with a stored run holds only when both were made on the same processor."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"processor": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+
+
 def run_one(variant: str, extra: list[str], seed: int, args, overrides: list[str]) -> dict:
     """One variant, one seed -> {"mAP", "rank1", "seconds", "cross_camera_clusters", "nmi", ...}."""
     folder = Path(args.work_dir) / f"{variant}-seed{seed}"
@@ -371,7 +388,9 @@ def run_one(variant: str, extra: list[str], seed: int, args, overrides: list[str
                 "seconds": float(cached.read_text()) if cached.exists() else None}
     metrics = folder / "run" / "metrics.jsonl"
     done = folder / "seconds.txt"
+    made_on = folder / "machine.json"  # written with the run: a reused run keeps the machine it was made on
     if not done.exists():
+        atomic_write_text(made_on, json.dumps(machine()) + "\n")
         seconds = _run(_isereid() + ["train", *base, "--output-dir", str(folder / "run"), *settings, *extra],
                        folder / "log.txt")
         done.write_text(f"{seconds:.1f}")
@@ -385,6 +404,7 @@ def run_one(variant: str, extra: list[str], seed: int, args, overrides: list[str
             # with optim.average_from, the network's own scores beside the average's (mAP, rank1)
             "unaveraged_mAP": (last.get("unaveraged") or {}).get("mAP"),
             "unaveraged_rank1": (last.get("unaveraged") or {}).get("rank1"),
+            "machine": json.loads(made_on.read_text()) if made_on.exists() else None,  # None: made before it was kept
             "curve": [{"epoch": r["epoch"], "mAP": r.get("mAP"), "rank1": r.get("rank1"),
                        "cross_camera_clusters": (r.get("cluster") or {}).get("cross_camera_clusters"),
                        "nmi": (r.get("cluster") or {}).get("nmi"),

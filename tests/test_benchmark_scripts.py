@@ -119,6 +119,33 @@ def test_accuracy_variants_are_valid_and_plain_ise_is_plain(preset):
     assert accuracy.VARIANTS["preset"] == []
 
 
+def test_accuracy_records_the_machine_a_run_was_made_on_and_the_network_beside_the_average(tmp_path, monkeypatch):
+    """Runs reproduce on one processor only, so each run keeps the machine it was made on (a reused run keeps
+    its own, not the collecting machine's), and a run with optim.average_from reports both scores."""
+    import argparse
+    import json
+
+    accuracy = _accuracy_module()
+    made = []
+
+    def fake_run(cmd, log_path):  # a finished training run: the last record has the average's and the network's
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        out.mkdir(parents=True)
+        record = {"epoch": 2, "mAP": 0.4, "rank1": 0.5, "num_clusters": 9, "unaveraged": {"mAP": 0.42, "rank1": 0.5}}
+        (out / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        made.append(cmd)
+        return 12.0
+
+    monkeypatch.setattr(accuracy, "_run", fake_run)
+    args = argparse.Namespace(work_dir=str(tmp_path), config="cpu", data_root="data")
+    first = accuracy.run_one("preset_average8", ["optim.average_from=8"], 4, args, [])
+    assert first["machine"] == accuracy.machine() and first["machine"]["processor"]
+    assert (first["mAP"], first["unaveraged_mAP"], first["unaveraged_rank1"]) == (0.4, 0.42, 0.5)
+    monkeypatch.setattr(accuracy, "machine", lambda: {"processor": "another"})
+    again = accuracy.run_one("preset_average8", ["optim.average_from=8"], 4, args, [])
+    assert len(made) == 1 and again["machine"] == first["machine"]  # reused, with the machine it was made on
+
+
 def test_holdout_split_waits_for_another_process_building_it(tiny_demo, tmp_path):
     """Two benchmarks started together on one --work-dir built the same split at once and one failed on the
     other's links (FileExistsError). Now a builder waits while another holds the split's lock (here the
