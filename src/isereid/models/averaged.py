@@ -1,4 +1,6 @@
-"""An exponential moving average of a network's weights (``cluster.ema``, docs/camera_aware.md#weight-average).
+"""Averages of a network's weights: an exponential moving average (``cluster.ema``,
+docs/camera_aware.md#weight-average) and a uniform average of the last epochs (``optim.average_from``,
+:func:`tail_average`, docs/method.md#tail-average).
 
 The clustering can take its features from the average instead of the network being trained: the
 pseudo-labels of an epoch then reflect the last steps (about 1 / (1 - decay) of them) rather than the
