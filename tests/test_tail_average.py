@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from isereid.config import load_config
 from isereid.engine.checkpoint import load as load_checkpoint
@@ -14,11 +13,7 @@ from isereid.engine.run_state import RunFolder
 from isereid.errors import CheckpointError, ConfigError
 from isereid.models.averaged import averaged_weights, has_updates, tail_average
 from test_trainer import _records, _trainer
-
-
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+from test_weight_average import _net, _new_weights
 
 
 def test_the_average_is_the_mean_of_the_weights_it_saw():
@@ -27,11 +22,8 @@ def test_the_average_is_the_mean_of_the_weights_it_saw():
     assert not has_updates(average)
     seen: dict[str, list[torch.Tensor]] = {name: [] for name, _ in net.named_parameters()}
     gen = torch.Generator().manual_seed(1)
-    for _ in range(6):  # arbitrary new weights and statistics each step, as an optimizer and BN would make
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-            net[1].running_mean.copy_(torch.randn(4, generator=gen))
+    for _ in range(6):
+        _new_weights(net, gen)
         average.update_parameters(net)
         for name, p in net.named_parameters():
             seen[name].append(p.detach().double().clone())

@@ -21,17 +21,22 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
 
 
+def _new_weights(net: nn.Module, gen: torch.Generator) -> None:
+    """Arbitrary new weights and BN statistics for a :func:`_net`, as an optimizer step and BN would make."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        net[1].running_mean.copy_(torch.randn(4, generator=gen))
+
+
 @pytest.mark.parametrize("decay", [0.0, 0.5, 0.99])
 def test_the_average_follows_the_ema_rule(decay):
     net = _net()
     average = weight_average(net, decay)
     oracle = {k: v.detach().clone().double() for k, v in net.named_parameters()}  # starts at the network
     gen = torch.Generator().manual_seed(1)
-    for _ in range(7):  # arbitrary new weights and statistics each step, as an optimizer and BN would make
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen))
-            net[1].running_mean.copy_(torch.randn(4, generator=gen))
+    for _ in range(7):
+        _new_weights(net, gen)
         average.update_parameters(net)
         for name, p in net.named_parameters():
             oracle[name] = decay * oracle[name] + (1 - decay) * p.detach().double()
