@@ -13,10 +13,11 @@ from isereid.cli import build_parser, main, torchrun_command
 from isereid.data import Sample
 from isereid.features import load_features, save_features
 
-# The one training run of this module is the demo preset itself, shortened from 7 to 6 epochs
-# to fit CI, on the default demo dataset. Every tool test below reuses it.
-DEMO_EPOCHS = 6
-RUN = ["--config", "demo", f"optim.epochs={DEMO_EPOCHS}", "eval.every=3", "train.progress=false",
+# The one training run of this module is the demo preset itself, shortened from 7 to 3 epochs
+# to fit CI (it was the suite's longest part; 3 epochs reached 57% mAP on 2026-12-06), on the default demo
+# dataset. Every tool test below reuses it. Evaluated at epoch 2 (`eval.every`) and 3 (the last).
+DEMO_EPOCHS = 3
+RUN = ["--config", "demo", f"optim.epochs={DEMO_EPOCHS}", "eval.every=2", "train.progress=false",
        "train.tensorboard=false"]
 
 
@@ -53,7 +54,7 @@ def test_train_writes_run_folder(trained_run):
             assert key in r, key
         assert r["num_clusters"] >= 2 and np.isfinite(r["loss"])
         assert 0 <= r["cluster"]["nmi"] <= 1 and 0 <= r["cluster"]["purity"] <= 1
-        assert ("mAP" in r) == (r["epoch"] % 3 == 0)
+        assert ("mAP" in r) == (r["epoch"] % 2 == 0 or r["epoch"] == DEMO_EPOCHS)
     # no leftover temporary files from atomic writes
     assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
 
@@ -64,9 +65,10 @@ def test_demo_training_learns(trained_run, random_init_map):
     On this demo dataset (seed 3: 100 test identities, ~1,700 gallery images) the seeded
     random ResNet-18 scores a few per cent mAP (clothing colours survive a random network);
     chance (random ranking) is about 1%. The preset reaches about 65% mAP after 7 epochs
-    on the default demo data (docs/benchmarks.md). Requiring +4 points and 1.4x the random-init
-    mAP leaves ample room for run-to-run variation while failing any run that does not learn
-    (a broken loss, memory or sampler stays at or below the start).
+    on the default demo data (docs/benchmarks.md), 57% after the 3 run here. Requiring
+    +4 points and 1.4x the random-init mAP leaves ample room for run-to-run variation while
+    failing any run that does not learn (a broken loss, memory or sampler stays at or below
+    the start).
     """
     scored = [json.loads(line)["mAP"] for line in (trained_run / "metrics.jsonl").read_text().splitlines()
               if "mAP" in json.loads(line)]
