@@ -159,16 +159,23 @@ def test_bad_inputs_answer_one_line_and_write_nothing(client, run_dir, view):
         (client.get("/api/clusters?epoch=1&sort=name"), 400),
         (client.get("/api/image/999999"), 404),
         (client.get("/api/image/-1"), 404),
+        (client.get("/api/clusters?epoch=x"), 400),
+        (client.get("/api/clusters"), 400),
+        (client.get("/api/clusters?epoch=1&limit=many"), 400),
+        (client.get("/api/image/abc"), 400),
+        (client.get("/api/image/abc/info"), 400),
     ]
     for response, status in cases:
         assert response.status_code == status, (response.request.url, response.text)
         detail = response.json()["detail"]
         assert isinstance(detail, str) and "\n" not in detail and detail
+    assert client.get("/api/clusters?epoch=x").json()["detail"].startswith("bad parameter epoch: ")
+    assert client.get("/api/image/abc").json()["detail"].startswith("bad parameter image_id: ")
     # paths in parameters never reach the file system: not a route, not an id
     for url in ("/api/image/..%2F..%2Fetc%2Fpasswd", "/api/image/../../etc/passwd", "/static/../../../etc/passwd",
                 "/static/%2e%2e/%2e%2e/cli.py", f"/api/image/{run_dir}/model_best.pt"):
         r = client.get(url)
-        assert r.status_code in (404, 422) and b"root:" not in r.content and b"argparse" not in r.content, url
+        assert r.status_code in (400, 404) and b"root:" not in r.content and b"argparse" not in r.content, url
     assert client.get("/api/run").status_code == 200  # still serving
     assert _snapshot(run_dir) == before
 

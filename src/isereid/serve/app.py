@@ -18,6 +18,7 @@ from .state import BadImage, NotFound, RunView
 try:
     from fastapi import FastAPI, Query, Request
     from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 except ImportError:  # pragma: no cover - the CLI reports it in one line
@@ -118,11 +119,26 @@ def _add_guard(app: FastAPI, view: RunView, token: Optional[str]) -> None:
         return response
 
 
+def _validation_message(errors: list) -> str:
+    """One line for FastAPI's parameter errors: ``bad parameter epoch: Input should be a valid integer ...``."""
+    if not errors:
+        return "bad request parameters"
+    first = errors[0]
+    where = ".".join(str(part) for part in tuple(first.get("loc", ()))[1:]) or "request"
+    message = f"bad parameter {where}: {first_line(str(first.get('msg', 'invalid value')))}"
+    return message if len(errors) == 1 else f"{message} (and {len(errors) - 1} more)"
+
+
 def _add_error_handlers(app: FastAPI) -> None:
-    """Library errors as one-line JSON answers: NotFound 404, the other IsereidErrors 400."""
+    """Library errors as one-line JSON answers: NotFound 404, the other IsereidErrors 400, and a path or query
+    parameter of the wrong type 400 as well (FastAPI's own answer would be a 422 with a list of errors)."""
     @app.exception_handler(NotFound)
     async def not_found(request, exc):
         return _error(404, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request, exc):
+        return _error(400, _validation_message(exc.errors()))
 
     @app.exception_handler(IsereidError)
     async def bad_request(request, exc):  # BadImage, InvalidArgument
