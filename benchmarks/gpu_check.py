@@ -85,8 +85,8 @@ CAPS = {
             "real_data": 600, "clustering_scale": 480},
 }
 #: Default wall-clock budget of the whole run (s). CUDA: under the 10-minute limit of one command
-#: on a lent GPU machine, with room to copy the results back. CPU (CI): about 2.5 minutes on the
-#: two-core development machine, 6.5 on a slow CI runner; the rest is headroom.
+#: on a lent GPU machine, with room to copy the results back. CPU (CI): 77 s on the idle
+#: two-core development machine (2026-12-07), 6.5 minutes on a slow CI runner; the rest is headroom.
 DEFAULT_BUDGET = {"cuda": 540, "cpu": 1800}
 #: A check that would start with less time than this left is skipped.
 MIN_START_S = 15
