@@ -64,8 +64,8 @@ def test_demo_training_learns(trained_run, random_init_map):
 
     On this demo dataset (seed 3: 100 test identities, ~1,700 gallery images) the seeded
     random ResNet-18 scores a few per cent mAP (clothing colours survive a random network);
-    chance (random ranking) is about 1%. The preset reaches about 65% mAP after 7 epochs
-    on the default demo data (docs/benchmarks.md), 57% after the 3 epochs run here. Requiring
+    chance (random ranking) is about 1%. The preset reaches about 71% mAP after 7 epochs
+    on the default demo data (docs/benchmarks.md, twenty-third round), 57% after the 3 epochs run here. Requiring
     +4 points and 1.4x the random-init mAP leaves ample room for run-to-run variation while
     failing any run that does not learn (a broken loss, memory or sampler stays at or below
     the start).
