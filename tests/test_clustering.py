@@ -489,3 +489,23 @@ def test_camera_spread_matches_loop_oracle(seed):
     assert camera_spread(labels, cameras) == pytest.approx(_camera_spread_oracle(labels, cameras))
     with pytest.raises(ClusteringError):
         camera_spread(labels, cameras[:-1] if n > 1 else np.zeros(2))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_outliers_as_singletons_matches_a_loop(seed):
+    from isereid.clustering import outliers_as_singletons
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(-1, int(rng.integers(1, 6)), int(rng.integers(1, 30)))
+    expected, nxt = [], int(labels.max()) + 1 if (labels >= 0).any() else 0
+    for y in labels:  # clusters keep their label; each outlier takes the next free one, in order
+        if y >= 0:
+            expected.append(int(y))
+        else:
+            expected.append(nxt)
+            nxt += 1
+    before = labels.copy()
+    out = outliers_as_singletons(labels)
+    assert out.dtype == np.int64 and out.tolist() == expected
+    assert np.array_equal(labels, before) and outliers_as_singletons(np.full(3, -1)).tolist() == [0, 1, 2]
+    assert outliers_as_singletons(np.zeros(0, dtype=np.int64)).tolist() == []

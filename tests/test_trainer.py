@@ -181,3 +181,66 @@ def test_the_writer_gets_the_iteration_and_epoch_scalars(demo, tmp_path):
     epochs = [(tag, value, step) for tag, value, step in writer.scalars if not tag.startswith("train/")]
     assert epochs == [(tag, value, r.epoch) for r in history for tag, value in epoch_scalars(r)]
     assert writer.closed and writer.flushed == 2
+
+
+class _ArgmaxClustersWithOutliers(_ArgmaxClusters):
+    """:class:`_ArgmaxClusters` with every fifth image made an outlier as well, so each epoch has some."""
+
+    def __call__(self, features: torch.Tensor, camids: np.ndarray, epoch: int) -> np.ndarray:
+        labels = super().__call__(features, camids, epoch)
+        labels[::5] = -1
+        kept = labels >= 0
+        labels[kept] = np.unique(labels[kept], return_inverse=True)[1].ravel()
+        return labels
+
+
+def test_singleton_outliers_train_on_every_image_and_resume_bit_identical(demo, tmp_path):
+    """cluster.outliers=singletons: each outlier is a pseudo-identity of its own in the cluster memory, the
+    camera proxies, the sampler and the supports, while the record and labels/ keep DBSCAN's clusters."""
+    overrides = ("cluster.outliers=singletons", "memory.camera_aware=true", "ise.foreign=same_camera",
+                 "memory.camera_online=1", "data.sampler=proxy", "cluster.every=2")
+
+    def trainer(out):
+        t = _trainer(demo, out, *overrides)
+        t.cluster_fn = _ArgmaxClustersWithOutliers()
+        return t
+
+    whole = trainer(tmp_path / "whole")
+    history = whole.run()
+    labels = whole.pseudo_labels
+    outliers = int((labels < 0).sum())
+    clusters = int(labels.max()) + 1
+    assert outliers > 0 and history[0].num_outliers == outliers and history[0].num_clusters == clusters
+    assert history[0].cluster["num_clusters"] == clusters
+    assert whole.memory.centroids.shape[0] == clusters + outliers
+    trained = whole.train_labels
+    assert (trained >= 0).all() and np.array_equal(trained[labels >= 0], labels[labels >= 0])
+    pairs = {(int(t), int(c)) for t, c in zip(trained, whole.camids)}
+    assert whole.camera_memory.proxies.shape[0] == len(pairs)
+    saved = np.load(tmp_path / "whole" / "labels" / "epoch_001.npz")
+    assert np.array_equal(saved["labels"], labels)  # what `isereid serve` shows: DBSCAN's clusters
+    drawn = np.unique(whole._epoch_loader(1).batch_sampler.batches)
+    assert np.isin(np.flatnonzero(labels < 0), drawn).any()  # the epoch's rows are all images: outliers drawn
+
+    out = tmp_path / "stopped"
+    first = trainer(out)
+    _stop_after_first_save(first)
+    with pytest.raises(_Stop):
+        first.run()
+    again = trainer(out)
+    again.run()
+    assert len(again.cluster_fn.calls) == 0  # epoch 2 trained on the memories restored from the checkpoint
+    assert _records(out) == _records(tmp_path / "whole")
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+    assert torch.equal(again.memory.centroids, whole.memory.centroids)
+
+
+def test_dropped_outliers_stay_out_of_the_epoch(demo, tmp_path):
+    t = _trainer(demo, tmp_path / "drop", "memory.camera_aware=true", "optim.epochs=1")
+    t.cluster_fn = _ArgmaxClustersWithOutliers()
+    t.run()
+    labels = t.pseudo_labels
+    assert (labels < 0).any() and t.train_labels is labels
+    assert t.memory.centroids.shape[0] == int(labels.max()) + 1
+    assert len(t._epoch_loader(0).dataset) == int((labels >= 0).sum())

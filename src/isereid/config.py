@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .clustering.knn import KNN_BACKENDS
+from .clustering.pseudo_labels import OUTLIER_MODES
 from .data.datasets import DATASET_NAMES
 from .data.sampler import SAMPLERS
 from .errors import ConfigError, first_line
@@ -88,6 +89,10 @@ class ClusterConfig:
     # the features' core distances, without labels (docs/auto_eps.md).
     eps: Any = 0.4  # a number or "auto" (OmegaConf's Union[float, str] would reject an integer 1)
     min_samples: int = 4
+    # What training does with DBSCAN's outliers: "drop" leaves them out of the epoch (the reference);
+    # "singletons" gives each its own pseudo-identity in the memories, the sampler and the supports,
+    # as SpCL's un-clustered instances (docs/method.md#outliers). Reports count DBSCAN's clusters either way.
+    outliers: str = "drop"
     k1: int = 30
     k2: int = 6
     knn_backend: str = "torch"  # torch | faiss
@@ -258,6 +263,7 @@ CHOICES = {
     "model.bn_mode": BN_MODES,
     "data.sampler": SAMPLERS,
     "cluster.knn_backend": KNN_BACKENDS,
+    "cluster.outliers": OUTLIER_MODES,
     "memory.mode": MEMORY_MODES,
     "memory.cluster_online": CLUSTER_ONLINE,
     "ise.lp_negatives": NEGATIVES,

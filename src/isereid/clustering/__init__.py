@@ -8,10 +8,11 @@ from .camera import associate_clusters, camera_normalize, mutual_share, nearest_
 from .dbscan import jaccard_dbscan, jaccard_dbscan_auto
 from .jaccard import jaccard_distance
 from .knn import exact_knn
-from .pseudo_labels import PseudoLabels, PseudoLabelSettings, pseudo_labels
+from .pseudo_labels import OUTLIER_MODES, PseudoLabels, PseudoLabelSettings, outliers_as_singletons, pseudo_labels
 from .report import ClusteringReport, cluster_report, label_agreement
 from .scale import ScaleChoice, partition_warning
 
 __all__ = ["jaccard_distance", "jaccard_dbscan", "jaccard_dbscan_auto", "exact_knn", "cluster_report",
            "label_agreement", "ClusteringReport", "ScaleChoice", "partition_warning", "pseudo_labels", "PseudoLabels",
-           "PseudoLabelSettings", "camera_normalize", "associate_clusters", "nearest_other_camera", "mutual_share"]
+           "PseudoLabelSettings", "camera_normalize", "associate_clusters", "nearest_other_camera", "mutual_share",
+           "outliers_as_singletons", "OUTLIER_MODES"]

@@ -24,7 +24,11 @@ from .dbscan import check_not_constant, jaccard_dbscan, jaccard_dbscan_auto, nei
 from .knn import as_features
 from .scale import ScaleChoice
 
-__all__ = ["PseudoLabelSettings", "PseudoLabels", "pseudo_labels"]
+__all__ = ["PseudoLabelSettings", "PseudoLabels", "pseudo_labels", "outliers_as_singletons", "OUTLIER_MODES"]
+
+#: What training does with DBSCAN's outliers (config ``cluster.outliers``): leave them out of the epoch (the
+#: reference), or give each one a pseudo-identity of its own (SpCL's un-clustered instances).
+OUTLIER_MODES = ("drop", "singletons")
 
 
 @dataclass(frozen=True)
@@ -124,3 +128,16 @@ def pseudo_labels(features: ArrayLike, camids: Optional[ArrayLike],
         merged = associate(features, labels, camids, settings.associate_min_similarity)
         labels, association = merged.labels, merged.summary()
     return PseudoLabels(labels=labels, eps=settings.eps, choice=choice, association=association)
+
+
+def outliers_as_singletons(labels: ArrayLike) -> np.ndarray:
+    """(N,) int64 ``labels`` with each outlier (-1) given a label of its own.
+
+    Clusters keep their labels 0..C-1; the outliers get C, C+1, ... in the order they occur, so
+    the result is a function of ``labels`` alone (a resumed run rebuilds the same labels).
+    """
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    out = labels.copy()
+    outliers = labels < 0
+    out[outliers] = labels.max(initial=-1) + 1 + np.arange(int(outliers.sum()), dtype=np.int64)
+    return out

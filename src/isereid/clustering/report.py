@@ -26,6 +26,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from ..errors import ClusteringError
+from .pseudo_labels import outliers_as_singletons
 
 
 @dataclass
@@ -62,14 +63,6 @@ class ClusteringReport:
                 "previous_agreement": self.previous_agreement}
 
 
-def _singletons(labels: np.ndarray) -> np.ndarray:
-    """(N,) ``labels`` with each outlier (-1) given a label of its own."""
-    out = labels.copy()
-    outliers = labels < 0
-    out[outliers] = labels.max(initial=-1) + 1 + np.arange(int(outliers.sum()))
-    return out
-
-
 def label_agreement(previous: np.ndarray, labels: np.ndarray) -> float:
     """Adjusted Rand index between two clusterings (N,) of the same images, -1 for outliers, each
     outlier its own singleton cluster: 1 for the same partition, about 0 for unrelated ones."""
@@ -77,7 +70,7 @@ def label_agreement(previous: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels).astype(np.int64, copy=False).ravel()
     if previous.shape != labels.shape:
         raise ClusteringError(f"the previous labels have {previous.size} entries but labels has {labels.size}")
-    return float(adjusted_rand_score(_singletons(previous), _singletons(labels)))
+    return float(adjusted_rand_score(outliers_as_singletons(previous), outliers_as_singletons(labels)))
 
 
 def size_histogram(sizes: np.ndarray) -> Dict[str, int]:
@@ -144,7 +137,7 @@ def cluster_report(labels: np.ndarray, true_labels: Optional[np.ndarray] = None,
         raise ClusteringError(f"true_labels has {truth.size} entries but labels has {labels.size}")
     if labels.size == 0:
         return report
-    singleton = _singletons(labels)
+    singleton = outliers_as_singletons(labels)
     report.nmi = float(normalized_mutual_info_score(truth, singleton))
     report.ari = float(adjusted_rand_score(truth, singleton))
     if clustered.any():

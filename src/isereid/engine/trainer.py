@@ -2,7 +2,7 @@
 
     for each epoch:
         features  <- extract(train images)                 (eval mode, test transform)
-        labels    <- pseudo_labels(features, camids)       (outliers dropped this epoch)
+        labels    <- pseudo_labels(features, camids)       (outliers dropped this epoch, or singletons)
         memory    <- normalised cluster centroids
         for each of `iters` iterations:
             f         <- model(batch)                      (P identities x Z instances)
@@ -37,6 +37,7 @@ from ..clustering import (
     label_agreement,
     mutual_share,
     nearest_other_camera,
+    outliers_as_singletons,
     partition_warning,
 )
 from ..clustering import pseudo_labels as cluster_pseudo_labels
@@ -416,15 +417,16 @@ class Trainer:
         degenerate = None if cfg.train.supervised else partition_warning(labels)
         if degenerate and self.ctx.is_main:
             log.warning("epoch %d: %s (cluster.eps=%s)", epoch + 1, degenerate, eps)
-        keep = labels >= 0
+        previous, self.pseudo_labels = self.pseudo_labels, labels
+        trained = self.train_labels
+        keep = trained >= 0
         self.memory = ClusterMemory.from_features(
-            features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
+            features[keep].to(self.device), torch.as_tensor(trained[keep], device=self.device),
             **cluster_memory_kwargs(cfg.memory))
         if cfg.memory.camera_aware:
             self.camera_memory = CameraProxyMemory.from_features(
-                features[keep].to(self.device), torch.as_tensor(labels[keep], device=self.device),
+                features[keep].to(self.device), torch.as_tensor(trained[keep], device=self.device),
                 torch.as_tensor(self.camids[keep], device=self.device), **camera_memory_kwargs(cfg.memory))
-        previous, self.pseudo_labels = self.pseudo_labels, labels
         if self.ctx.is_main:  # labels/epoch_NNN.npz, what `isereid serve` shows
             self.run_folder.write_labels(epoch + 1, labels, paths, self.camids, features)
         report = cluster_report(labels, self.true_pids, self.camids)
@@ -452,12 +454,22 @@ class Trainer:
                         "camera-pure, so training learns to match people within one camera, not across cameras; "
                         "try %s (see docs/camera_aware.md)", epoch + 1, 100 * share, report.num_clusters, hint)
 
+    @property
+    def train_labels(self) -> np.ndarray:
+        """(N,) the labels this epoch trains on: the pseudo-labels, with each outlier a pseudo-identity of its
+        own under ``cluster.outliers=singletons`` (-1, left out, under ``drop``)."""
+        assert self.pseudo_labels is not None
+        if self.cfg.cluster.outliers == "singletons" and not self.cfg.train.supervised:
+            return outliers_as_singletons(self.pseudo_labels)
+        return self.pseudo_labels
+
     def _cluster_cameras(self) -> torch.Tensor:
         """(M, C) bool on the device: pseudo-identity m holds images of camera id c (C = max id + 1)."""
-        keep = self.pseudo_labels >= 0
-        seen = torch.zeros(int(self.pseudo_labels.max()) + 1, int(self.camids.max()) + 1, dtype=torch.bool,
+        trained = self.train_labels
+        keep = trained >= 0
+        seen = torch.zeros(int(trained.max()) + 1, int(self.camids.max()) + 1, dtype=torch.bool,
                            device=self.device)
-        seen[torch.as_tensor(self.pseudo_labels[keep], device=self.device),
+        seen[torch.as_tensor(trained[keep], device=self.device),
              torch.as_tensor(self.camids[keep], device=self.device)] = True
         return seen
 
@@ -467,8 +479,9 @@ class Trainer:
 
     def _epoch_loader(self, epoch: int) -> DataLoader:
         cfg = self.cfg
-        keep = np.flatnonzero(self.pseudo_labels >= 0)
-        labels = self.pseudo_labels[keep]
+        trained = self.train_labels
+        keep = np.flatnonzero(trained >= 0)
+        labels = trained[keep]
         camids = np.array([self.train_samples[i].camid for i in keep])
         batches = epoch_batches(labels, camids, cfg.data.batch_size, cfg.data.num_instances, cfg.optim.iters,
                                 seed=cfg.seed * 100_003 + epoch, by=cfg.data.sampler)
@@ -496,7 +509,7 @@ class Trainer:
             camera_bn=has_camera_bn(self.model))
         # Camera id of each row of this epoch's dataset (the loader yields row indices).
         need_cams = parts.camera_memory is not None or parts.cluster_cameras is not None or parts.camera_bn
-        epoch_cams = torch.as_tensor(self.camids[self.pseudo_labels >= 0]) if need_cams else None
+        epoch_cams = torch.as_tensor(self.camids[self.train_labels >= 0]) if need_cams else None
         sums: dict[str, float] = {}
         bar = tqdm(loader, total=cfg.optim.iters, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False,
                    disable=not (cfg.train.progress and self.ctx.is_main), unit="it")
