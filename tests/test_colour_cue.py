@@ -188,9 +188,11 @@ def test_a_run_records_the_faded_weight_per_epoch(tmp_path, floor):
     root = tmp_path / "demo"
     assert main(["demo-data", str(root), "--identities", "24", "--cameras", "3", "--seed", "2"]) == 0
     out = tmp_path / "run"
+    # Batches of 16: at 32 the third clustering of this tiny set left too few images for one batch under one
+    # PyTorch thread (runs are not bit-identical across thread counts), failing a test about the colour weight.
     assert main(["train", "--config", "demo", "--data-root", str(root), "--output", str(out), "optim.epochs=3",
                  "optim.iters=2", "eval.every=0", "data.workers=0", "train.progress=false", "train.tensorboard=false",
-                 "data.batch_size=32", "model.bn_chunk=16", "data.height=32", "data.width=16", "data.pad=2",
+                 "data.batch_size=16", "model.bn_chunk=16", "data.height=32", "data.width=16", "data.pad=2",
                  "cluster.eps=0.5", "cluster.colour_weight=0.4", "cluster.colour_epochs=2",
                  f"cluster.colour_floor={floor}"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
