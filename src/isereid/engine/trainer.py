@@ -482,7 +482,7 @@ class Trainer:
         trained = self.train_labels
         keep = np.flatnonzero(trained >= 0)
         labels = trained[keep]
-        camids = np.array([self.train_samples[i].camid for i in keep])
+        camids = self.camids[keep]
         batches = epoch_batches(labels, camids, cfg.data.batch_size, cfg.data.num_instances, cfg.optim.iters,
                                 seed=cfg.seed * 100_003 + epoch, by=cfg.data.sampler)
         loader = self._image_loader()
